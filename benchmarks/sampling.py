@@ -8,7 +8,8 @@ Workload: 8 questions x n = 64 answers x up to 48 new tokens on the embedded Smo
   weights, the same temperature and top-p (top-k switched off).
 
 Run: python benchmarks/sampling.py [--questions 8] [--samples 64] [--max-new-tokens 48]
-     [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--skip-reference]
+     [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--dtype D]
+     [--skip-reference]
 Prints both wall times, the ratio (goal: ours >= 5x faster on a 2-core CPU) and, as a check that the
 fast run samples the same distribution, the mean answer length of both.
 """
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: the sampler's)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of ours; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both runs (default: torch's)")
+    parser.add_argument("--dtype", choices=["default", "float32", "bfloat16"], default="default",
+                        help="weights of our run (default: models.default_dtype, bfloat16 on this CPU)")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -80,7 +83,7 @@ def main() -> None:
     questions = workload(args.questions)
     print(f"{len(questions)} questions x n={args.samples} x <= {args.max_new_tokens} new tokens, "
           f"T={args.temperature}, top-p={args.top_p}, {torch.get_num_threads()} threads")
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m", dtype=None if args.dtype == "default" else getattr(torch, args.dtype))
     run_ours(model, tokenizer, questions[:1], argparse.Namespace(**{**vars(args), "samples": 2, "max_new_tokens": 2}))
     best, lengths = min(run_ours(model, tokenizer, questions, args) for _ in range(args.repeats))
     tokens = sum(lengths) + sum(n < args.max_new_tokens for n in lengths)  # + the EOS tokens

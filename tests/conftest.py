@@ -20,6 +20,18 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 TOFU_FIXTURES = ROOT.parent / "shared" / "fixtures" / "tofu"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model tests: one torch thread avoids thread start-up and contention costs on
+    a busy 2-core machine (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """Execute every notebook in order on the smoke profile; returns a dict with the results folder

@@ -7,20 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 
 from probunlearn import bounds, probabilistic
 from tiny_lm import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread start-up and contention costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def test_question_bounds_match_the_bounds_module():

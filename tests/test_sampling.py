@@ -18,13 +18,7 @@ QUESTIONS = ["hi", "what is the name of the author?", "where?", "Who wrote it, a
 P_MIN = 1e-3  # chi-square: seeded, so a pass is deterministic; this level only guards against bugs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread start-up and contention costs on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -101,30 +95,32 @@ def test_top_p_never_leaves_the_nucleus(model, tokenizer):
         assert set(first_tokens(rows).tolist()) == nucleus  # and reaches every token of it
 
 
-def test_next_token_large_vocabulary_both_top_p_paths():
-    """next_token on a 2000-token vocabulary: a nucleus within the first candidates (topk path)
-    and a nucleus of a thousand tokens (full-sort path); membership and frequencies."""
+def test_next_token_large_vocabulary_every_top_p_path():
+    """next_token on a 5000-token vocabulary with nuclei inside the first 256 candidates, inside
+    the first 4096, and larger (full sort); membership and frequencies, and top_p = 1."""
     gen = torch.Generator().manual_seed(0)
-    vocab, rows = 2000, 5000
-    peaked = torch.randn(vocab, generator=gen) * 4.0  # nucleus of a few tokens
-    flat = torch.randn(vocab, generator=gen) * 0.3  # nucleus of thousands of tokens
+    vocab, rows = 5000, 3000
     rng = np.random.default_rng(0)
-    for logits, top_p in ((peaked, 0.9), (flat, 0.9), (peaked, 1.0)):
-        u = torch.from_numpy(rng.random(rows))
-        tokens = sampling.next_token(logits.expand(rows, -1).clone(), u, temperature=1.0, top_p=top_p).numpy()
+    sizes = []
+    for scale, top_p in ((4.0, 0.9), (1.5, 0.9), (0.1, 0.95), (4.0, 1.0)):
+        logits = torch.randn(vocab, generator=gen) * scale
+        keys = rng.integers(0, 2**63, size=rows, dtype=np.uint64)
+        tokens = sampling.next_token(logits.expand(rows, -1).clone(), keys, 0, temperature=1.0, top_p=top_p).numpy()
         probs = torch.softmax(logits.double(), 0).numpy()
         order = np.argsort(-probs)
         before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
         nucleus = order[before < top_p]
+        sizes.append(len(nucleus))
         assert np.isin(tokens, nucleus).all()
         truncated = np.zeros(vocab)
         truncated[nucleus] = probs[nucleus] / probs[nucleus].sum()
         if len(nucleus) < 200:
             assert chi_square_p(np.bincount(tokens, minlength=vocab), truncated) > P_MIN
-        else:  # too many categories for 5000 draws: compare mass on 20 groups of tokens
+        else:  # too many categories for 3000 draws: compare the mass of 20 groups of tokens
             groups = np.arange(vocab) % 20
             observed = np.bincount(groups[tokens], minlength=20)
             assert chi_square_p(observed, np.bincount(groups, weights=truncated, minlength=20)) > P_MIN
+    assert sizes[0] < 256 < sizes[1] < 4096 < sizes[2]  # every path was taken
 
 
 def test_next_token_never_picks_zero_probability_tokens():
@@ -133,9 +129,12 @@ def test_next_token_never_picks_zero_probability_tokens():
     logits[1, [255, 256, 699]] = torch.tensor([1.0, -3.0, 2.0])  # across block borders
     logits[2, 0] = 0.0
     logits[3, 699] = 0.0
-    for u in (0.0, 0.5, 1.0 - 2.0**-53):
-        tokens = sampling.next_token(logits, torch.full((4,), u, dtype=torch.float64))
+    keys = np.arange(4, dtype=np.uint64)
+    for step in range(50):
+        tokens = sampling.next_token(logits, keys, step)
         assert tokens[0] == 5 and tokens[1] in (255, 256, 699) and tokens[2] == 0 and tokens[3] == 699
+    with pytest.raises(ValueError, match="no finite logit"):
+        sampling.next_token(torch.full((1, 700), -float("inf")), keys[:1], 0)
 
 
 def test_temperature_to_zero_equals_greedy(model, tokenizer):
@@ -146,38 +145,13 @@ def test_temperature_to_zero_equals_greedy(model, tokenizer):
         assert sampled == [[g] * 3 for g in greedy]
 
 
-@pytest.fixture(params=["shared prefix", "padded"])
-def decoding_path(request, monkeypatch):
-    """Run a test on both decoding paths: prompts' keys shared by their rows (Llama, few questions
-    per batch) and the generic left-padded cache (any model)."""
-    if request.param == "padded":
-        monkeypatch.setattr(sampling, "_SHARED_PREFIX_MAX_PROMPTS", 0)
-    return request.param
-
-
-def test_both_decoding_paths_agree_with_generate_and_each_other(model, tokenizer, decoding_path, monkeypatch):
-    calls = []
-    original = sampling._shared_prefix_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("shared_prefix") is not None)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "_shared_prefix_attention", spy)
-    monkeypatch.setattr(sampling, "_SHARED_PREFIX", f"probunlearn_test_{decoding_path.replace(' ', '_')}")
-    greedy = sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=20)
-    assert any(calls) == (decoding_path == "shared prefix")
+def test_greedy_matches_transformers_generate(model, tokenizer):
+    greedy = sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=3)
     for question, answer in zip(QUESTIONS, greedy):
         ids = torch.tensor([encode_prompt(tokenizer, question)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
                              do_sample=False, pad_token_id=0)
         assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    sampled = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=40, max_new_tokens=10, seed=5, progress=False)
-    assert sampled == REFERENCE_SAMPLES.setdefault("samples", sampled)  # the same on both paths
-    assert model.config._attn_implementation == "sdpa"  # restored after decoding
-
-
-REFERENCE_SAMPLES: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,13 +190,18 @@ def test_rows_stop_at_eos_and_respect_max_new_tokens(model, tokenizer):
     assert all(EOS not in r for q in rows for r in q)
 
 
-def test_row_uniforms_are_uniform_and_keyed():
-    u = sampling.row_uniforms(0, ["a"] * 2000, range(2000), 5)
-    assert u.shape == (2000, 5) and (u >= 0).all() and (u < 1).all()
-    assert stats.kstest(u.ravel(), "uniform").pvalue > P_MIN
-    np.testing.assert_array_equal(sampling.row_uniforms(0, ["a"], [7], 3), u[7:8, :3])
-    assert not np.array_equal(sampling.row_uniforms(1, ["a"], [7], 3), u[7:8, :3])
-    assert not np.array_equal(sampling.row_uniforms(0, ["b"], [7], 3), u[7:8, :3])
+def test_race_noise_is_exponential_and_keyed():
+    keys = sampling.row_keys(0, ["a"] * 500, range(500))
+    blocks, tokens = sampling.race_noise(keys, 3, num_blocks=10)
+    assert blocks.shape == (500, 10) and tokens.shape == (500, 256) and (blocks > 0).all()
+    noise = np.concatenate([blocks.ravel(), tokens.ravel()])
+    assert stats.kstest(noise, "expon").pvalue > P_MIN
+    again = sampling.race_noise(sampling.row_keys(0, ["a"], [7]), 3, num_blocks=10)
+    np.testing.assert_array_equal(again[0], blocks[7:8])
+    assert not np.array_equal(sampling.race_noise(sampling.row_keys(1, ["a"], [7]), 3, 10)[0], blocks[7:8])
+    assert not np.array_equal(sampling.race_noise(sampling.row_keys(0, ["b"], [7]), 3, 10)[0], blocks[7:8])
+    assert not np.array_equal(sampling.race_noise(keys[7:8], 4, 10)[0], blocks[7:8])  # a new step, new noise
+    assert len(set(keys.tolist())) == 500
 
 
 # ---------------------------------------------------------------------------------------------

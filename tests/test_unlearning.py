@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from tiny_lm import tiny_model, tiny_tokenizer
 
 from probunlearn.metrics import answer_nll
@@ -16,9 +17,11 @@ from probunlearn.unlearning import (
     METHODS,
     StepOutputs,
     adapter_state,
+    answer_entropy,
     bisect_mixing,
     checkpoint_restored,
     early_stopping,
+    entropy_regulariser,
     evaluate_unlearning,
     forget_truth_ratios,
     mismatch_pairs,
@@ -28,6 +31,7 @@ from probunlearn.unlearning import (
     sequence_logprob,
     start_unlearning,
     unlearn,
+    unlearn_with_control,
     utility_bar,
 )
 
@@ -243,11 +247,13 @@ def test_bisection_returns_the_smallest_lambda_meeting_the_bar():
     assert 0.3 <= chosen["lambda"] <= 0.3 + 1e-3 and chosen["met"] and chosen["score"] == 0.95
     smooth = bisect_mixing(lambda lam: lam ** 2, 0.25, tolerance=1 / 64)
     assert 0.5 <= smooth["lambda"] <= 0.5 + 1 / 64
-    assert len(smooth["evaluations"]) == 2 + 6  # the endpoints, then log2(64) bisection steps
+    assert len(smooth["evaluations"]) == 2 + 6 and smooth["probes"] == 8  # endpoints, then log2(64) steps
+    known = bisect_mixing(lambda lam: lam ** 2, 0.25, tolerance=1 / 64, score_at_zero=0.0, score_at_one=1.0)
+    assert known["probes"] == 6 and known["lambda"] == smooth["lambda"]
     # already meeting the bar: no mixing; known endpoint scores are not re-evaluated
     calls = []
-    assert bisect_mixing(lambda lam: calls.append(lam) or 1.0, 0.5, score_at_zero=0.6)["lambda"] == 0.0
-    assert calls == []
+    chosen = bisect_mixing(lambda lam: calls.append(lam) or 1.0, 0.5, score_at_zero=0.6)
+    assert chosen["lambda"] == 0.0 and chosen["probes"] == 0 and calls == []
     # not even the target meets the bar
     assert bisect_mixing(lambda lam: 0.1, 0.5)["met"] is False
 
@@ -311,3 +317,60 @@ def test_batched_likelihoods_match_the_per_question_ones(tiny):
     row = evaluate_unlearning(model, tokenizer, {**splits, "retain": splits["utility"]},
                               retain_truth_ratios=retain_ratios, max_new_tokens=2)
     assert row["utility_accuracy"] == choice_accuracy(model, tokenizer, splits["utility"])
+
+
+# ----------------------------------------------------------------------------- entropy optimisation [P1]
+def test_answer_entropy_averages_over_answer_tokens_only(tiny):
+    model, tokenizer = tiny["model"], tiny["tokenizer"]
+    batch = encode_qa(tokenizer, [r["question"] for r in FORGET], [r["answer"] for r in FORGET])
+    logits = logits_of(model, tokenizer)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    per_position = -(logp.exp() * logp).sum(-1)
+    mask = batch["labels"][:, 1:] != -100
+    expected = per_position[mask].mean()
+    assert float(answer_entropy(logits, batch["labels"])) == pytest.approx(float(expected), rel=1e-6)
+    # not the average over every position (what [P1]'s reference code computes)
+    assert abs(float(per_position.mean()) - float(expected)) > 1e-3
+    uniform = torch.zeros(1, 3, 64)
+    assert float(answer_entropy(uniform, torch.tensor([[-100, 5, 6]]))) == pytest.approx(math.log(64), rel=1e-6)
+
+
+def test_entropy_regulariser_adds_its_terms_and_lowers_forget_entropy(tiny):
+    model, tokenizer = fresh(tiny)
+    batch = encode_qa(tokenizer, [r["question"] for r in FORGET], [r["answer"] for r in FORGET])
+
+    def forget_entropy():
+        with torch.no_grad():
+            return float(answer_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                        batch["labels"]))
+
+    before = forget_entropy()
+    run = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=3, learning_rate=0.05, batch_size=4,
+                  regularisers=[entropy_regulariser(forget_weight=10.0, retain_weight=-0.25)], progress=False)
+    assert {"forget", "entropy_forget", "entropy_retain"} <= set(run.log[0])
+    assert run.log[0]["loss"] == pytest.approx(sum(run.log[0][k] for k in ("forget", "entropy_forget", "entropy_retain")),
+                                               rel=1e-5)
+    assert run.hparams["entropy_forget_weight"] == 10.0 and run.hparams["entropy_retain_weight"] == -0.25
+    assert forget_entropy() < before
+    # a zero weight drops its term
+    assert set(entropy_regulariser(1.0, 0.0)(step_outputs(*fresh(tiny)))) == {"entropy_forget"}
+
+
+@pytest.mark.parametrize("control", ["early stopped", "mixed"])
+def test_unlearn_with_control_reports_and_applies_its_choice(tiny, control):
+    model, tokenizer = fresh(tiny)
+    eval_sets = {"forget": Dataset.from_list(FORGET), "retain": Dataset.from_list(RETAIN)}
+    out = unlearn_with_control(model, tokenizer, FORGET, RETAIN, method="ga", eval_sets=eval_sets, bar=0.0,
+                               control=control, steps=2, learning_rate=0.05, batch_size=4, eval_every=1,
+                               eval_max_new_tokens=4, progress=False)
+    assert [row["step"] for row in out["run"].trace] == [0, 1, 2]
+    # a bar of 0 is met by every checkpoint: keep the most forgetting one, or mix nothing back in
+    if control == "mixed":
+        assert out["lambda"] == 0.0 and out["step"] == 2 and out["choice"]["met"]
+    else:
+        assert out["lambda"] == 0.0 and out["step"] == out["choice"]["step"] and out["choice"]["met"]
+    for name, tensor in adapter_state(model).items():
+        assert torch.equal(tensor, out["state"][name])
+    with pytest.raises(ValueError, match="control"):
+        unlearn_with_control(model, tokenizer, FORGET, RETAIN, method="ga", eval_sets=eval_sets, bar=0.0,
+                             control="none", steps=1, learning_rate=0.05, batch_size=4)

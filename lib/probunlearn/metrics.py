@@ -186,18 +186,20 @@ def answer_nll(model, tokenizer, questions, answers, *, batch_size: int = 16) ->
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
                 ).logits
-                # token t is predicted from position t-1
+                # token t is predicted from position t-1; only answer positions are scored, so only
+                # their rows of the (positions x vocabulary) logits go through the softmax
                 shifted_labels = labels[:, 1:]
-                token_nll = F.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none"
-                )
-                num_tokens = (shifted_labels != -100).sum(dim=1)
+                scored = shifted_labels != -100
+                num_tokens = scored.sum(dim=1)
                 if (num_tokens == 0).any():
                     raise ValueError(
                         "an answer has no scored tokens (empty answer or truncated away); "
                         "check the answers or raise max_length"
                     )
-                nlls.append((token_nll.sum(dim=1) / num_tokens).cpu().numpy())
+                token_nll = F.cross_entropy(logits[:, :-1][scored].float(), shifted_labels[scored], reduction="none")
+                rows = scored.nonzero()[:, 0]
+                sums = torch.zeros(len(num_tokens), device=device).index_add_(0, rows, token_nll)
+                nlls.append((sums / num_tokens).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(nlls).astype(float)

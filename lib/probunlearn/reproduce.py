@@ -1,14 +1,22 @@
-"""`python -m probunlearn.reproduce --profile cpu`: run every notebook in order with papermill.
+"""`python -m probunlearn.reproduce --profile cpu` (what `make reproduce` runs): every notebook in
+order with papermill, then the time per notebook.
 
-Executed notebooks go to `results/<profile>/executed/`; the plots each notebook saved under
-`results/<profile>/figures/` are copied into `figures/` for the main (cpu) profile, so `figures/`
-is only ever written by this pipeline. Prints the wall time per notebook at the end.
+- Executed notebooks go to `results/<profile>/executed/`, with papermill's progress bar per cell.
+- **Resumes.** A notebook that finished writes a stamp `executed/<name>.done.json` holding a key: a
+  hash of the notebook, the settings it was given, the package's source, and the key of the
+  notebook before it. A later run skips every notebook whose key is unchanged, so after an
+  interruption finished work is not redone, while a changed setting, notebook or library reruns
+  that notebook and everything after it (notebook 02 also reuses its fine-tuned adapters when
+  their settings and data are unchanged). `--force` reruns everything.
+- Notebook 06 writes every figure and table into `figures/` for the main (cpu) profile, and into
+  `results/<profile>/figures_final/` for the others, so `figures/` only ever holds the cpu run.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,6 +24,7 @@ from pathlib import Path
 from probunlearn.utils import load_profile, results_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = Path(__file__).resolve().parent
 
 
 def notebooks(root: Path = ROOT) -> list[Path]:
@@ -31,40 +40,84 @@ def parameters_for(notebook: Path, profile: str, results_root: Path, figures_dir
     return {k: v for k, v in settings.items() if k in declared}
 
 
+def source_hash() -> str:
+    """Hash of the package's code: results depend on it too. (Profiles are not hashed: the settings a
+    notebook receives are part of its key, so editing one setting reruns only the notebooks that read it.)"""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_key(notebook: Path, parameters: dict, previous_key: str, code: str) -> str:
+    """The cache key of one notebook run (see the module docstring)."""
+    digest = hashlib.sha256()
+    digest.update(notebook.read_bytes())
+    digest.update(json.dumps(parameters, sort_keys=True, default=str).encode())
+    digest.update(previous_key.encode() + code.encode())
+    return digest.hexdigest()
+
+
+def default_figures_dir(profile: str, results_root: Path) -> Path:
+    return ROOT / "figures" if profile == "cpu" else results_dir(profile, results_root) / "figures_final"
+
+
 def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path | None = None,
-        figures_dir: Path | None = None) -> dict[str, float]:
+        figures_dir: Path | None = None, force: bool = False, progress: bool = True,
+        notebook_dir: Path | None = None) -> dict[str, dict]:
+    """Run the notebooks of `notebook_dir` (default: notebooks/; all, or those whose names start
+    with one of `only`) in order; returns {notebook name: {'seconds', 'cached'}}."""
     import papermill as pm
 
-    results_root = results_root or ROOT / "results"
-    figures_dir = figures_dir or ROOT / "figures"
-    results = results_dir(profile, results_root)
-    (results / "executed").mkdir(exist_ok=True)
-    seconds: dict[str, float] = {}
-    todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    results_root = Path(results_root or ROOT / "results")
+    figures_dir = Path(figures_dir or default_figures_dir(profile, results_root))
+    executed = results_dir(profile, results_root) / "executed"
+    executed.mkdir(parents=True, exist_ok=True)
+    code = source_hash()
+    todo = notebooks(Path(notebook_dir).parent) if notebook_dir else notebooks()
+    chosen = [nb for nb in todo if not only or any(nb.name.startswith(o) for o in only)]
+    report: dict[str, dict] = {}
+    previous_key = ""
     for i, nb in enumerate(todo, 1):
+        parameters = parameters_for(nb, profile, results_root, figures_dir)
+        key = run_key(nb, parameters, previous_key, code)
+        previous_key = key
+        if nb not in chosen:
+            continue
+        stamp = executed / f"{nb.stem}.done.json"
+        done = json.loads(stamp.read_text()) if stamp.exists() else {}
+        if not force and done.get("key") == key and (executed / nb.name).exists():
+            print(f"[{i}/{len(todo)}] {nb.name}: up to date (took {done['seconds'] / 60:.1f} min), skipped", flush=True)
+            report[nb.name] = {"seconds": done["seconds"], "cached": True}
+            continue
+        stamp.unlink(missing_ok=True)
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         start = time.perf_counter()
-        pm.execute_notebook(str(nb), str(results / "executed" / nb.name),
-                            parameters=parameters_for(nb, profile, results_root, figures_dir),
-                            cwd=str(nb.parent), kernel_name="python3", progress_bar=True)
-        seconds[nb.name] = time.perf_counter() - start
-    if profile == "cpu":
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        for plot in sorted((results / "figures").glob("*")):
-            shutil.copy2(plot, figures_dir / plot.name)
+        pm.execute_notebook(str(nb), str(executed / nb.name), parameters=parameters, cwd=str(nb.parent),
+                            kernel_name="python3", progress_bar=progress)
+        seconds = time.perf_counter() - start
+        stamp.write_text(json.dumps({"key": key, "seconds": seconds, "profile": profile,
+                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        report[nb.name] = {"seconds": seconds, "cached": False}
     print("\nwall time per notebook:")
-    for name, s in seconds.items():
-        print(f"  {name:<40} {s / 60:6.1f} min")
-    print(f"  {'total':<40} {sum(seconds.values()) / 60:6.1f} min")
-    return seconds
+    for name, r in report.items():
+        print(f"  {name:<40} {r['seconds'] / 60:6.1f} min" + ("  (earlier run, skipped now)" if r["cached"] else ""))
+    ran = sum(r["seconds"] for r in report.values() if not r["cached"])
+    print(f"  {'total of this run':<40} {ran / 60:6.1f} min;  all notebooks: "
+          f"{sum(r['seconds'] for r in report.values()) / 60:.1f} min")
+    print(f"figures and tables: {figures_dir}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
-    parser.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 01 02")
+    parser.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 04 05 06")
+    parser.add_argument("--force", action="store_true", help="rerun notebooks even when their results are up to date")
+    parser.add_argument("--results-root", type=Path, help="default: results/ in the repository")
+    parser.add_argument("--figures-dir", type=Path, help="default: figures/ (cpu) or results/<profile>/figures_final/")
     args = parser.parse_args(argv)
-    run(args.profile, args.only)
+    run(args.profile, args.only, results_root=args.results_root, figures_dir=args.figures_dir, force=args.force)
     return 0
 
 

@@ -103,6 +103,18 @@ def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float
     return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - reference_logprob)).mean()
 
 
+def answer_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """H̄: mean over answer-token positions of the next-token entropy −Σ_v p_v log p_v (SPEC §2,
+    [P1]'s entropy optimisation). [P1]'s code averages over every position, prompt and padding
+    included; we mask to the answer tokens, where the forget facts are generated."""
+    logits, _, mask = answer_logits(logits, labels)
+    if not mask.any():
+        raise ValueError("the batch has no answer tokens (all labels are -100)")
+    logp = F.log_softmax(logits, dim=-1)
+    per_position = -(logp.exp() * logp).sum(dim=-1)
+    return (per_position * mask).sum() / mask.sum()
+
+
 # ----------------------------------------------------------------------------- one step's outputs
 class StepOutputs:
     """The batches of one unlearning step and the model's outputs on them, computed on first use
@@ -202,6 +214,24 @@ def ga_temp(out: StepOutputs, temperature: float = 2.0) -> dict:
     """[P2] Wang et al.: gradient ascent on temperature-scaled logits, −CE(softmax(z/T), y) on D_f.
     T = 2 is the fallback value in the authors' code (`dataloader.py`, loss `ga_temp`)."""
     return {"forget": -out.nll("forget", temperature=temperature)}
+
+
+def entropy_regulariser(forget_weight: float = 1.0, retain_weight: float = -0.25) -> Callable:
+    """[P1] entropy optimisation as a regulariser for any objective (`unlearn(..., regularisers=
+    [entropy_regulariser()])`): adds λ_f·H̄_θ(D_f) + λ_r·H̄_θ(D_r) (`answer_entropy`). Defaults
+    λ_f = 1 (entropy pushed down on forget questions, so sampling there behaves like greedy
+    decoding) and λ_r = −0.25 (kept up on retain questions, so their diversity survives). Reuses
+    the step's cached logits: no extra forward pass."""
+    def regulariser(out: StepOutputs) -> dict:
+        terms = {}
+        if forget_weight:
+            terms["entropy_forget"] = forget_weight * answer_entropy(out.logits("forget"), out.labels("forget"))
+        if retain_weight:
+            terms["entropy_retain"] = retain_weight * answer_entropy(out.logits("retain"), out.labels("retain"))
+        return terms
+
+    regulariser.hparams = {"entropy_forget_weight": forget_weight, "entropy_retain_weight": retain_weight}
+    return regulariser
 
 
 def method_objective(method: str) -> Callable:
@@ -342,7 +372,8 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     pool = list(mismatch_pool if mismatch_pool is not None else retain_set)
     rng = random.Random(seed + 2)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    run = UnlearningRun(method=method, hparams=hparams)
+    extra = {k: v for r in regularisers for k, v in getattr(r, "hparams", {}).items()}
+    run = UnlearningRun(method=method, hparams={**hparams, **extra})
     start = time.perf_counter()
 
     def checkpoint(step: int) -> None:
@@ -622,22 +653,29 @@ def bisect_mixing(score_at: Callable[[float], float], bar: float, *, tolerance: 
     grows with λ (more of the target). Returns λ within `tolerance` above the boundary, always a λ
     that was seen to meet the bar (λ = 0 if the unlearned model already does; 1 if only the target
     does). `score_at_zero` / `score_at_one`: known scores of the endpoints, to save evaluations.
-    Returns {'lambda', 'score', 'bar', 'met', 'evaluations': [(λ, score), ...]}."""
+    Returns {'lambda', 'score', 'bar', 'met', 'evaluations': [(λ, score), ...] (known endpoints
+    included), 'probes': how many times `score_at` ran}."""
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
-    evaluations = []
+    evaluations, probes = [], []
 
     def score(lam, known=None):
+        if known is None:
+            probes.append(lam)
         value = float(score_at(lam) if known is None else known)
         evaluations.append((lam, value))
         return value
 
+    def result(lam, value):
+        return {"lambda": lam, "score": value, "bar": float(bar), "met": value >= bar, "evaluations": evaluations,
+                "probes": len(probes)}
+
     zero = score(0.0, score_at_zero)
     if zero >= bar:
-        return {"lambda": 0.0, "score": zero, "bar": float(bar), "met": True, "evaluations": evaluations}
+        return result(0.0, zero)
     one = score(1.0, score_at_one)
     if one < bar:  # not even the target meets the bar: nothing to bisect
-        return {"lambda": 1.0, "score": one, "bar": float(bar), "met": False, "evaluations": evaluations}
+        return result(1.0, one)
     lo, hi, hi_score = 0.0, 1.0, one
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
@@ -646,7 +684,7 @@ def bisect_mixing(score_at: Callable[[float], float], bar: float, *, tolerance: 
             hi, hi_score = mid, value
         else:
             lo = mid
-    return {"lambda": hi, "score": hi_score, "bar": float(bar), "met": hi_score >= bar, "evaluations": evaluations}
+    return result(hi, hi_score)
 
 
 def choose_mixing(model, score: Callable, bar: float, *, tolerance: float = 0.05,
@@ -659,3 +697,38 @@ def choose_mixing(model, score: Callable, bar: float, *, tolerance: float = 0.05
 
     return bisect_mixing(score_at, bar, tolerance=tolerance, score_at_zero=score_at_zero,
                          score_at_one=score_at_one)
+
+
+CONTROLS = ("early stopped", "mixed")
+
+
+def unlearn_with_control(model, tokenizer, forget_set, retain_set, *, method: str, eval_sets: Mapping,
+                         bar: float, control: str = "mixed", bar_metric: str = "retain_rouge_l_recall",
+                         initial_evaluation: dict | None = None, mix_tolerance: float = 0.125,
+                         eval_max_new_tokens: int = 48, eval_batch_size: int = 32, **unlearn_kwargs) -> dict:
+    """One method, unlearned then controlled (SPEC §3), as notebook 04 runs it: `unlearn` with
+    greedy `trace_metrics` on `eval_sets` every `eval_every` steps, then `control` = "early
+    stopped" (`early_stopping` on the trace) or "mixed" (`choose_mixing` on the last adapter).
+    `unlearn_kwargs` go to `unlearn` (steps, learning_rate, batch_size, hparams, regularisers, ...);
+    `eval_max_new_tokens` / `eval_batch_size` are those of the greedy evaluations.
+    The model's adapter is left at the chosen checkpoint, *unscaled*: use it inside
+    `mixed_model(model, result['lambda'])`. Returns {'run', 'choice' (what the control reported),
+    'step', 'lambda', 'state' (the chosen checkpoint)}."""
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+    evaluation = dict(max_new_tokens=eval_max_new_tokens, batch_size=eval_batch_size)
+    run = unlearn(model, tokenizer, forget_set, retain_set, method=method, initial_evaluation=initial_evaluation,
+                  evaluate=lambda m: trace_metrics(m, tokenizer, eval_sets, **evaluation), **unlearn_kwargs)
+    last = run.trace[-1]["step"]
+    if control == "early stopped":
+        choice = early_stopping(run.trace, bar, bar_metric=bar_metric)
+        step, lam = choice["step"], 0.0
+    else:
+        load_adapter_state(model, run.checkpoints[last])
+        score = metric_scorer(tokenizer, eval_sets, bar_metric, **evaluation)
+        start = initial_evaluation or run.trace[0]
+        choice = choose_mixing(model, score, bar, tolerance=mix_tolerance, score_at_zero=run.trace[-1][bar_metric],
+                               score_at_one=start[bar_metric])
+        step, lam = last, choice["lambda"]
+    load_adapter_state(model, run.checkpoints[step])
+    return {"run": run, "choice": choice, "step": step, "lambda": lam, "state": run.checkpoints[step]}
