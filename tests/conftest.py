@@ -4,7 +4,6 @@ temporary results and figures folders) and every `test_notebook_*.py` asserts on
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 # Hermetic tests: never wait on the (unreachable) Hugging Face hub. Set before anything imports
@@ -15,8 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from probunlearn.reproduce import notebooks  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = notebooks(ROOT / "notebooks")
 TOFU_FIXTURES = ROOT.parent / "shared" / "fixtures" / "tofu"
 
 
@@ -34,23 +35,17 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """Execute every notebook in order on the smoke profile; returns a dict with the results folder
-    of the profile, the figures folder, the executed notebooks and their wall times."""
-    import papermill as pm
-
-    from probunlearn.reproduce import parameters_for
+    """Execute every notebook in order on the smoke profile, with the engine of `make reproduce`
+    (temporary results and figures folders); returns a dict with the results folder of the
+    profile, the figures folder, the executed notebooks and their wall times."""
+    from probunlearn.reproduce import run
 
     out = tmp_path_factory.mktemp("smoke")
-    executed, seconds = {}, {}
-    for nb in NOTEBOOKS:
-        target = out / "executed" / nb.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        parameters = parameters_for(nb, "smoke", out / "results", out / "figures")
-        pm.execute_notebook(str(nb), str(target), parameters=parameters,
-                            cwd=str(nb.parent), kernel_name="python3", progress_bar=False)
-        seconds[nb.stem] = time.perf_counter() - start
-        executed[nb.stem] = target
+    report = run("smoke", results_root=out / "results", figures_dir=out / "figures", notebook_dir=ROOT / "notebooks",
+                 progress=False)
+    results = out / "results" / "smoke"
+    seconds = {Path(name).stem: r["seconds"] for name, r in report.items()}
     print("notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
-    return {"results": out / "results" / "smoke", "figures": out / "figures", "executed": executed,
+    return {"results": results, "figures": out / "figures", "executed": {Path(n).stem: results / "executed" / n
+                                                                        for n in report},
             "seconds": seconds}

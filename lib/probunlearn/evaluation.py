@@ -16,6 +16,11 @@ def greedy_scores(model, tokenizer, dataset, *, max_new_tokens: int = 48, batch_
     whether it contains the fact keyword."""
     generated = greedy_answers(model, tokenizer, dataset["question"], max_new_tokens=max_new_tokens,
                                batch_size=batch_size)
+    return score_answers(dataset, generated)
+
+
+def score_answers(dataset, generated) -> pd.DataFrame:
+    """The `greedy_scores` table for answers already generated (one per record of `dataset`)."""
     return pd.DataFrame({
         "question": dataset["question"],
         "answer": dataset["answer"],
@@ -39,6 +44,12 @@ def choice_accuracy(model, tokenizer, dataset, *, batch_size: int = 32) -> float
     return float(np.mean(correct))
 
 
+def split_summary(name: str, table: pd.DataFrame) -> dict[str, float]:
+    """`<name>_rouge_l_recall` and `<name>_keyword_hit`: the means of a `greedy_scores` table."""
+    return {f"{name}_rouge_l_recall": float(table["rouge_l_recall"].mean()),
+            f"{name}_keyword_hit": float(table["keyword_hit"].mean())}
+
+
 def cap(dataset, max_questions: int | None):
     """The first `max_questions` records (all when None): evaluation subsets that fit a CPU budget."""
     return dataset if max_questions is None or len(dataset) <= max_questions else dataset.select(range(max_questions))
@@ -57,8 +68,7 @@ def evaluate_model(model, tokenizer, splits: dict, *, max_new_tokens: int = 48, 
         table = greedy_scores(model, tokenizer, cap(dataset, max_questions), max_new_tokens=max_new_tokens,
                               batch_size=batch_size)
         tables[name] = table
-        summary[f"{name}_rouge_l_recall"] = float(table["rouge_l_recall"].mean())
-        summary[f"{name}_keyword_hit"] = float(table["keyword_hit"].mean())
+        summary |= split_summary(name, table)
     if utility_split in splits:
         summary[f"{utility_split}_accuracy"] = choice_accuracy(model, tokenizer, splits[utility_split], batch_size=batch_size)
     return summary, tables

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parent
 
 
-def notebooks(root: Path = ROOT) -> list[Path]:
-    return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+def notebooks(folder: Path = ROOT / "notebooks") -> list[Path]:
+    """The numbered notebooks of `folder`, in the order they run."""
+    return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
 def parameters_for(notebook: Path, profile: str, results_root: Path, figures_dir: Path) -> dict:
@@ -74,7 +75,7 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
     executed = results_dir(profile, results_root) / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     code = source_hash()
-    todo = notebooks(Path(notebook_dir).parent) if notebook_dir else notebooks()
+    todo = notebooks(notebook_dir or ROOT / "notebooks")
     chosen = [nb for nb in todo if not only or any(nb.name.startswith(o) for o in only)]
     report: dict[str, dict] = {}
     previous_key = ""

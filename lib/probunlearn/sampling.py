@@ -300,8 +300,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             tokens = next_token(scores, keys[cpu_alive.numpy()], step, temperature=temperature, top_p=top_p)
         else:
             tokens = torch.empty(len(cpu_alive), dtype=torch.long, device=device)
-            if greedy.any():
-                tokens[greedy.to(device)] = scores[greedy.to(device)].argmax(dim=-1)
+            tokens[greedy.to(device)] = scores[greedy.to(device)].argmax(dim=-1)
             draw = (~greedy).nonzero()[:, 0]
             tokens[draw.to(device)] = next_token(scores[draw.to(device)], keys[cpu_alive[draw].numpy()], step,
                                                  temperature=temperature, top_p=top_p)

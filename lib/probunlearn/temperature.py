@@ -110,10 +110,7 @@ def calibrate_threshold(model, tokenizer, retain_questions: Sequence[str], *, qu
     sample_token_ids(model, tokenizer, list(retain_questions), n=n, temperature=temperature, top_p=top_p,
                      max_new_tokens=max_new_tokens, seed=seed, logits_processors=[recorder],
                      batch_size=batch_size, progress=progress)
-    entropies = recorder.entropies
-    if entropies.size == 0:
-        raise ValueError("no decoding steps were recorded: pass at least one retain question")
-    return threshold_from_entropies(entropies, quantile) | {"entropies": entropies}
+    return threshold_from_entropies(recorder.entropies, quantile) | {"entropies": recorder.entropies}
 
 
 def threshold_from_entropies(entropies, quantile: float = 0.05) -> dict:
@@ -122,7 +119,7 @@ def threshold_from_entropies(entropies, quantile: float = 0.05) -> dict:
     the plain sampling pass)."""
     entropies = np.asarray(entropies, dtype=float)
     if entropies.size == 0:
-        raise ValueError("no entropies to calibrate on")
+        raise ValueError("no decoding steps to calibrate on: pass at least one retain question")
     # method="lower": h_tau is one of the recorded entropies, so at most a `quantile` share of the
     # calibration steps lies strictly below it (interpolation could put slightly more below)
     return {"threshold": float(np.quantile(entropies, quantile, method="lower")), "quantile": float(quantile),

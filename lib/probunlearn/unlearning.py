@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from probunlearn.evaluation import score_answers, split_summary
 from probunlearn.models import (
     AnswerOnlyCollator,
     add_lora,
@@ -443,23 +444,13 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
 def greedy_tables(model, tokenizer, splits: Mapping, *, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
     """`evaluation.greedy_scores` of several splits with one decoding pass over all their
     questions: {split: table with question, answer, generated, rouge_l_recall, keyword_hit}."""
-    import pandas as pd
-
-    from probunlearn.metrics import keyword_hit, rouge_l_recall
     from probunlearn.sampling import greedy_answers
 
     questions = [q for dataset in splits.values() for q in dataset["question"]]
     generated = iter(greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, progress=False))
-    tables = {}
-    for name, dataset in splits.items():
-        answers = [next(generated) for _ in range(len(dataset))]
-        tables[name] = pd.DataFrame({
-            "question": dataset["question"], "answer": dataset["answer"], "generated": answers,
-            "rouge_l_recall": [rouge_l_recall(g, a) for g, a in zip(answers, dataset["answer"])],
-            "keyword_hit": [keyword_hit(g, k) for g, k in zip(answers, dataset["keywords"])],
-        })
-    return tables
+    return {name: score_answers(dataset, [next(generated) for _ in range(len(dataset))])
+            for name, dataset in splits.items()}
 
 
 def nll_tables(model, tokenizer, splits: Mapping, *, fields: Sequence[str] = ("answer",),
@@ -507,8 +498,7 @@ def trace_metrics(model, tokenizer, eval_sets: Mapping, *, max_new_tokens: int =
     row = {}
     for name, table in greedy_tables(model, tokenizer, eval_sets, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size).items():
-        row[f"{name}_rouge_l_recall"] = float(table["rouge_l_recall"].mean())
-        row[f"{name}_keyword_hit"] = float(table["keyword_hit"].mean())
+        row |= split_summary(name, table)
     if nll:
         for name, table in nll_tables(model, tokenizer, eval_sets, batch_size=batch_size).items():
             row[f"{name}_nll"] = float(table["answer_nll"].mean())
@@ -567,8 +557,7 @@ def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratio
     data = nll_tables(model, tokenizer, splits, fields=("answer", "paraphrased", "perturbed"), batch_size=batch_size)
     for name, table in greedy_tables(model, tokenizer, splits, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size).items():
-        row[f"{name}_rouge_l_recall"] = float(table["rouge_l_recall"].mean())
-        row[f"{name}_keyword_hit"] = float(table["keyword_hit"].mean())
+        row |= split_summary(name, table)
         data[name]["rouge_l"] = table["rouge_l_recall"].to_numpy()
     utility = data["utility"]
     row["utility_accuracy"] = float(np.mean([true < wrong.min() for true, wrong
