@@ -97,6 +97,29 @@ def test_lora_steps_lower_the_loss_and_adapter_round_trips(tmp_path):
     assert _loss(reloaded, tokenizer, data) == pytest.approx(after, abs=0.05)  # bf16 merge rounding
 
 
+def test_training_attention_is_eager_inside_and_gives_the_same_loss_and_gradients():
+    model, tokenizer = load_model(dtype=torch.float32)
+    data = _tiny_data()
+    batch = AnswerOnlyCollator(tokenizer, None)([data[i] for i in range(4)])
+    model = add_lora(model, r=4, lora_alpha=8)
+    assert model.config._attn_implementation == "sdpa"
+
+    def loss_and_grad():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grad = next(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0)
+        return float(loss), grad.clone()
+
+    fused = loss_and_grad()
+    with models.training_attention(model):
+        assert model.config._attn_implementation == "eager"
+        eager = loss_and_grad()
+    assert model.config._attn_implementation == "sdpa"  # restored for decoding
+    assert eager[0] == pytest.approx(fused[0], abs=1e-4)
+    torch.testing.assert_close(eager[1], fused[1], rtol=1e-3, atol=1e-5)
+
+
 def test_saved_adapter_on_a_local_base_is_found_by_relative_path(tmp_path):
     model, tokenizer = load_model(dtype=torch.float32)
     model = add_lora(model, r=4, lora_alpha=8)

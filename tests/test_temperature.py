@@ -110,5 +110,52 @@ def test_evaluate_adaptive_calibrates_on_retain_and_reports_fire_rates(lm):
         plain, adaptive = out["plain"][name][0], out["adaptive"][name][0]
         assert plain["greedy"].tolist() == adaptive["greedy"].tolist()  # the low branch keeps the argmax
         assert out["adaptive"][name][1]["scores"].shape == (len(splits[name]), 4)
+    assert set(out["redrawn"]) == {"forget", "retain"} and all(0 <= r <= 1 for r in out["redrawn"].values())
     with pytest.raises(ValueError, match="calibrate_on"):
         evaluate_adaptive(model, tokenizer, splits, calibrate_on="utility", num_samples=2, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("quantile, low_temperature", [(0.3, 0.0), (0.3, 0.5), (0.01, 0.0)])
+def test_replay_gives_the_answers_and_fire_rates_of_a_full_second_pass(lm, quantile, low_temperature):
+    """evaluate_adaptive decodes again only the answers the low branch could change; on the float32
+    tiny model (answers independent of batch shape) that must equal a full adaptive pass exactly."""
+    from datasets import Dataset
+
+    from probunlearn.temperature import evaluate_adaptive
+
+    model, tokenizer = lm
+    split = lambda qs: Dataset.from_list([{"question": q, "answer": "the answer is here", "keywords": ["here"]}
+                                          for q in qs])
+    splits = {"forget": split(QUESTIONS[:2]), "retain": split(QUESTIONS[1:])}
+    kwargs = dict(quantile=quantile, low_temperature=low_temperature, num_samples=6, max_new_tokens=MAX_NEW,
+                  seed=3, batch_size=7, progress=False)
+    fast = evaluate_adaptive(model, tokenizer, splits, **kwargs)
+    full = evaluate_adaptive(model, tokenizer, splits, replay=False, **kwargs)
+    assert fast["threshold"] == full["threshold"]
+    for name in splits:
+        assert fast["adaptive"][name][1]["samples"] == full["adaptive"][name][1]["samples"]
+        assert fast["adaptive"][name][0].equals(full["adaptive"][name][0])
+        assert fast["fire_rate"][name] == pytest.approx(full["fire_rate"][name])
+    changed = sum(a != b for name in splits for rows_a, rows_b in zip(fast["plain"][name][1]["samples"],
+                                                                      fast["adaptive"][name][1]["samples"])
+                  for a, b in zip(rows_a, rows_b))
+    if quantile > 0.1:  # the low branch fires often enough that some answers change
+        assert changed > 0 and fast["redrawn"]["forget"] > 0
+    if low_temperature == 0:  # only rows that left the argmax below h_tau are redrawn, not all
+        assert fast["redrawn"]["forget"] < 1
+    assert changed <= sum(round(fast["redrawn"][name] * len(splits[name]) * 6) for name in splits)
+
+
+def test_step_trace_flags_only_rows_that_left_the_argmax_below_the_threshold():
+    from probunlearn.temperature import StepTrace
+
+    trace = StepTrace()
+    logits = torch.tensor([[10.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    # rows: (0, 0) took the argmax, (0, 1) did not, (1, 0) is uniform (no unique argmax), (1, -1) greedy row
+    trace(np.array([0, 0, 1, 1]), np.array([0, 1, 0, -1]), 0, logits, torch.tensor([0, 1, 2, 0]))
+    low = float(next_token_entropy(logits[:1])[0]) + 1e-3
+    assert trace.rows_to_redraw(low) == [(0, 1)]
+    assert trace.rows_to_redraw(low, low_temperature=0.5) == [(0, 0), (0, 1)]
+    assert trace.rows_to_redraw(2.0) == [(0, 1), (1, 0)]
+    assert trace.low_steps(low) == (3, 4) and trace.low_steps(low, skip=[(0, 1)]) == (2, 3)
+    assert trace.entropies.shape == (4,)

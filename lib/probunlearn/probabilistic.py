@@ -26,6 +26,7 @@ __all__ = [
     "question_bounds",
     "evaluate_model",
     "evaluate_split",
+    "score_samples",
     "summarise",
     "bounds_vs_n",
     "coverage_distributions",
@@ -96,7 +97,7 @@ def question_bounds(scores, leaks, *, alpha: float = bounds.ALPHA, lam: float = 
 def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_samples: int, max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5,
                    lam: float = bounds.LAM, seed: int = 0, batch_size: int | None = None, logits_processors=None,
-                   progress: bool = True) -> dict[str, tuple[pd.DataFrame, dict]]:
+                   progress: bool = True, step_observer=None) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Greedy and sampled evaluation of one model on several splits (SPEC §5): split name ->
     `(table, raw)`. The greedy answer and the n samples of every question of every split are
     decoded in one pass (`sampling.greedy_and_sampled_answers`).
@@ -106,16 +107,19 @@ def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_sample
     SPEC §4). `raw` holds the (questions x n) arrays `scores` (ROUGE-L recall of each sample
     against the true answer) and `leaks` (`metrics.is_leak`: the fact keyword occurs, or ROUGE-L
     recall >= leak_tau for records without keywords), and the `samples` themselves.
+    `logits_processors` and `step_observer` go to the sampler (question indices run over the splits
+    in order).
     """
     questions = [q for dataset in splits.values() for q in dataset["question"]]
     greedy, samples = greedy_and_sampled_answers(
         model, tokenizer, questions, n=num_samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, logits_processors=logits_processors,
-        progress=progress)
+        progress=progress, step_observer=step_observer)
     results, start = {}, 0
     for name, dataset in splits.items():
         end = start + len(dataset)
-        results[name] = _score(dataset, greedy[start:end], samples[start:end], alpha=alpha, leak_tau=leak_tau, lam=lam)
+        results[name] = score_samples(dataset, greedy[start:end], samples[start:end], alpha=alpha, leak_tau=leak_tau,
+                                      lam=lam)
         start = end
     return results
 
@@ -125,8 +129,10 @@ def evaluate_split(model, tokenizer, dataset, **kwargs) -> tuple[pd.DataFrame, d
     return evaluate_model(model, tokenizer, {"split": dataset}, **kwargs)["split"]
 
 
-def _score(dataset, greedy: list[str], samples: list[list[str]], *, alpha: float, leak_tau: float,
-           lam: float) -> tuple[pd.DataFrame, dict]:
+def score_samples(dataset, greedy: list[str], samples: list[list[str]], *, alpha: float = bounds.ALPHA,
+                  leak_tau: float = 0.5, lam: float = bounds.LAM) -> tuple[pd.DataFrame, dict]:
+    """`(table, raw)` of `evaluate_model` for one split from answers already decoded: `greedy[i]`
+    and `samples[i][j]` answer question i of `dataset`."""
     questions, answers = list(dataset["question"]), list(dataset["answer"])
     keywords = list(dataset["keywords"]) if "keywords" in dataset.column_names else [[] for _ in questions]
     scores = np.array([[rouge_l_recall(s, a) for s in row] for row, a in zip(samples, answers)], dtype=float)

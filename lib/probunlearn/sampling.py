@@ -34,6 +34,9 @@ Order of operations at each step (documented for `logits_processors`):
 5. the two-level exponential race above.
 A processor that wants a row decoded greedily (e.g. adaptive temperature, SPEC §2) sets every other
 token to -inf: that survives steps 3-5 for any temperature and top-p.
+A `step_observer` (optional) is called after step 5 with the question and sample index of each
+row still generating, the step, the raw logits of step 1 and the chosen tokens; it must not change
+them (`temperature.evaluate_adaptive` uses it to see which answers a processor could change).
 
 Decoding
 --------
@@ -66,10 +69,12 @@ from tqdm.auto import tqdm
 
 from probunlearn.models import encode_prompt, model_device
 
-__all__ = ["sample_answers", "sample_token_ids", "greedy_answers", "greedy_and_sampled_answers",
-           "row_keys", "race_noise", "next_token"]
+__all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers", "greedy_and_sampled_answers",
+           "answer_texts", "row_keys", "race_noise", "next_token", "GREEDY"]
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (question indices, sample indices, step, raw logits, chosen tokens) of the rows still generating
+StepObserver = Callable[[np.ndarray, np.ndarray, int, torch.Tensor, torch.Tensor], None]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment (2**64 / golden ratio)
 _BLOCK = 256  # vocabulary block of the two-level cumulative sum
@@ -247,9 +252,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], keys: np.ndarray,
             greedy_rows: np.ndarray, *,
             max_new_tokens: int, temperature: float, top_p: float,
-            logits_processors: Sequence[LogitsProcessor], eos_ids: list[int], on_step=None) -> list[list[int]]:
+            logits_processors: Sequence[LogitsProcessor], eos_ids: list[int], on_step=None,
+            observer=None) -> list[list[int]]:
     """Decode one batch. `prompts`: distinct prompt token ids; `row_prompt[r]`: which prompt row r
-    continues; `keys[r]`: the random stream of row r; `greedy_rows[r]`: row r takes the argmax.
+    continues; `keys[r]`: the random stream of row r; `greedy_rows[r]`: row r takes the argmax;
+    `observer(rows, step, raw_logits, tokens)`: called at each step for the rows still generating.
     Returns the generated token ids of each row, EOS excluded."""
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -304,6 +311,9 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             draw = (~greedy).nonzero()[:, 0]
             tokens[draw.to(device)] = next_token(scores[draw.to(device)], keys[cpu_alive[draw].numpy()], step,
                                                  temperature=temperature, top_p=top_p)
+        if observer is not None:
+            live_rows = (~done).nonzero()[:, 0]
+            observer(cpu_alive[live_rows.cpu()].numpy(), step, logits[live_rows], tokens[live_rows])
         finished = torch.isin(tokens, eos) & ~done
         live = (~done).cpu()
         generated[cpu_alive[live], step] = tokens.cpu()[live]
@@ -354,7 +364,7 @@ GREEDY = -1  # the sample index of a greedy row
 
 def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *, max_new_tokens: int, seed: int,
          temperature: float, top_p: float, logits_processors, batch_size: int, progress: bool,
-         desc: str) -> list[list[int]]:
+         desc: str, step_observer: StepObserver | None = None) -> list[list[int]]:
     """Token ids of each row (question index i, sample index j; j = GREEDY: argmax decoding), in the
     order of `rows`, decoded in batches of up to `batch_size` consecutive rows."""
     prompts = {}
@@ -375,10 +385,16 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
         local = {i: k for k, i in enumerate(distinct)}
         keys = row_keys(seed, [questions[i] for i, _ in chunk], [j for _, j in chunk])
         greedy_rows = np.array([j == GREEDY for _, j in chunk])
+        observer = None
+        if step_observer is not None:
+            chunk_q, chunk_j = np.array([i for i, _ in chunk]), np.array([j for _, j in chunk])
+
+            def observer(local_rows, step, logits, tokens, chunk_q=chunk_q, chunk_j=chunk_j):
+                step_observer(chunk_q[local_rows], chunk_j[local_rows], step, logits, tokens)
         before = bar.n
         ids = _decode(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk], keys, greedy_rows,
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step)
+                      logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step, observer=observer)
         bar.update(before + len(chunk) - bar.n)  # rows cut at max_new_tokens count as done too
         result[start:start + len(chunk)] = ids
     bar.close()
@@ -402,7 +418,7 @@ def _check_sampling(n, temperature, top_p, seed) -> tuple[int, float, float, int
 
 
 def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_tokens, seed, logits_processors,
-            batch_size, progress, with_greedy: bool):
+            batch_size, progress, with_greedy: bool, step_observer: StepObserver | None = None):
     """Checked arguments -> (greedy ids per question or None, sampled ids per question)."""
     questions = _check_common(questions, max_new_tokens)
     n, temperature, top_p, seed = _check_sampling(n, temperature, top_p, seed)
@@ -411,26 +427,52 @@ def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_token
     rows = [(i, j) for i in range(len(questions)) for j in first + list(range(n))]
     ids = _run(model, tokenizer, questions, rows, max_new_tokens=int(max_new_tokens), seed=seed,
                temperature=temperature, top_p=top_p, logits_processors=list(logits_processors or []),
-               batch_size=batch_size, progress=progress, desc="sampling") if questions else []
+               batch_size=batch_size, progress=progress, desc="sampling",
+               step_observer=step_observer) if questions else []
     width = n + len(first)
     per_question = [ids[k * width:(k + 1) * width] for k in range(len(questions))]
     greedy = [rows_[0] for rows_ in per_question] if with_greedy else None
     return greedy, [rows_[len(first):] for rows_ in per_question]
 
 
-def _texts(tokenizer, ids: list[list[int]]) -> list[str]:
+def answer_texts(tokenizer, ids: list[list[int]]) -> list[str]:
+    """Generated token ids -> answer texts (special tokens skipped, stripped), as every decoder here returns them."""
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def sample_token_ids(model, tokenizer, questions: Sequence[str], *, n: int, temperature: float = 1.0,
                      top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                      logits_processors: Sequence[LogitsProcessor] | None = None,
-                     batch_size: int | None = None, progress: bool = True) -> list[list[list[int]]]:
+                     batch_size: int | None = None, progress: bool = True,
+                     step_observer: StepObserver | None = None) -> list[list[list[int]]]:
     """Like `sample_answers`, but the generated token ids (EOS not included): `result[i][j]` is
     the list of tokens of answer j to question i. An empty list means EOS came first."""
     return _sample(model, tokenizer, questions, n=n, temperature=temperature, top_p=top_p,
                    max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
-                   batch_size=batch_size, progress=progress, with_greedy=False)[1]
+                   batch_size=batch_size, progress=progress, with_greedy=False, step_observer=step_observer)[1]
+
+
+def sample_rows(model, tokenizer, questions: Sequence[str], rows: Sequence[tuple[int, int]], *,
+                temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
+                logits_processors: Sequence[LogitsProcessor] | None = None, batch_size: int | None = None,
+                progress: bool = True, step_observer: StepObserver | None = None) -> list[list[int]]:
+    """Token ids of chosen answers only: `rows` lists (question index i, sample index j), j >= 0 a
+    sample or `GREEDY` (-1) the greedy answer. Answer j to question i is the one `sample_token_ids`
+    draws with the same seed (its random stream depends on (seed, question text, j) only), so a few
+    answers can be redrawn, e.g. under a logits processor, without decoding the others."""
+    questions = _check_common(questions, max_new_tokens)
+    _, temperature, top_p, seed = _check_sampling(1, temperature, top_p, seed)
+    batch_size = _check_batch_size(batch_size, model)
+    rows = [(int(i), int(j)) for i, j in rows]
+    bad = [(i, j) for i, j in rows if not (0 <= i < len(questions) and j >= GREEDY)]
+    if bad:
+        raise ValueError(f"rows must be (question index in [0, {len(questions)}), sample index >= {GREEDY}), "
+                         f"got {bad[0]}")
+    if not rows:
+        return []
+    return _run(model, tokenizer, questions, rows, max_new_tokens=int(max_new_tokens), seed=seed,
+                temperature=temperature, top_p=top_p, logits_processors=list(logits_processors or []),
+                batch_size=batch_size, progress=progress, desc="sampling", step_observer=step_observer)
 
 
 def sample_answers(model, tokenizer, questions: Sequence[str], *, n: int, temperature: float = 1.0,
@@ -451,21 +493,23 @@ def sample_answers(model, tokenizer, questions: Sequence[str], *, n: int, temper
     ids = sample_token_ids(model, tokenizer, questions, n=n, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
                            batch_size=batch_size, progress=progress)
-    return [_texts(tokenizer, rows) for rows in ids]
+    return [answer_texts(tokenizer, rows) for rows in ids]
 
 
 def greedy_and_sampled_answers(model, tokenizer, questions: Sequence[str], *, n: int, temperature: float = 1.0,
                                top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                                logits_processors: Sequence[LogitsProcessor] | None = None,
-                               batch_size: int | None = None,
-                               progress: bool = True) -> tuple[list[str], list[list[str]]]:
+                               batch_size: int | None = None, progress: bool = True,
+                               step_observer: StepObserver | None = None) -> tuple[list[str], list[list[str]]]:
     """`(greedy_answers(...), sample_answers(...))` in one pass: the greedy row of each question
     is decoded in the same batches as its n samples, which saves a whole decoding loop. The
-    answers are those of the two separate calls (logits processors apply to the greedy rows too)."""
+    answers are those of the two separate calls (logits processors apply to the greedy rows too;
+    the step observer sees the greedy rows with sample index `GREEDY`)."""
     greedy, sampled = _sample(model, tokenizer, questions, n=n, temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
-                              batch_size=batch_size, progress=progress, with_greedy=True)
-    return _texts(tokenizer, greedy), [_texts(tokenizer, rows) for rows in sampled]
+                              batch_size=batch_size, progress=progress, with_greedy=True,
+                              step_observer=step_observer)
+    return answer_texts(tokenizer, greedy), [answer_texts(tokenizer, rows) for rows in sampled]
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens: int,
@@ -480,7 +524,7 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens
     ids = _run(model, tokenizer, questions, [(i, GREEDY) for i in range(len(questions))],
                max_new_tokens=int(max_new_tokens), seed=0, temperature=0.0, top_p=1.0, logits_processors=[],
                batch_size=batch_size, progress=progress and len(questions) > batch_size, desc="greedy")
-    return _texts(tokenizer, ids)
+    return answer_texts(tokenizer, ids)
 
 
 def _check_batch_size(batch_size, model) -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn.models import META_FILE, AnswerOnlyCollator, add_lora, load_model, model_device, save_adapter
+from probunlearn.models import (META_FILE, AnswerOnlyCollator, add_lora, load_model, model_device, save_adapter,
+                                training_attention)
 from probunlearn.utils import load_json, save_json, set_seed
 
 
@@ -47,10 +48,11 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
     for epoch in range(epochs):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
-            loss.backward()
+            with training_attention(model):
+                loss = model(**batch).loss
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()

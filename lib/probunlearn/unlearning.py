@@ -49,6 +49,7 @@ from probunlearn.models import (
     load_model,
     model_device,
     reference_model,
+    training_attention,
 )
 from probunlearn.utils import set_seed
 
@@ -402,25 +403,26 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
             questions, answers = mismatch_pairs(forget_records, pool, per_prompt=mismatch_per_prompt, rng=rng)
             batches["mismatch"] = encode_qa(tokenizer, questions, answers, max_length)
         batches = {name: {k: v.to(device) for k, v in b.items()} for name, b in batches.items()}
-        out = StepOutputs(model, batches)
-        terms = dict(objective(out, **hparams))
-        for regulariser in regularisers:
-            extra = regulariser(out)
-            clash = set(extra) & set(terms)
-            if clash:
-                raise ValueError(f"regulariser term names {sorted(clash)} clash with the objective's terms")
-            terms.update(extra)
-        loss = sum(terms.values())
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            where = f"last finite loss {last_finite:.4g} at step {step - 1}" if last_finite is not None \
-                else "no finite loss before it"
-            raise FloatingPointError(
-                f"{method}: the loss became {value} at step {step} ({where}); terms: "
-                f"{ {k: float(v.detach()) for k, v in terms.items()} }. Lower the learning rate or the number of steps."
-            )
-        last_finite = value
-        loss.backward()
+        with training_attention(model):
+            out = StepOutputs(model, batches)
+            terms = dict(objective(out, **hparams))
+            for regulariser in regularisers:
+                extra = regulariser(out)
+                clash = set(extra) & set(terms)
+                if clash:
+                    raise ValueError(f"regulariser term names {sorted(clash)} clash with the objective's terms")
+                terms.update(extra)
+            loss = sum(terms.values())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                where = f"last finite loss {last_finite:.4g} at step {step - 1}" if last_finite is not None \
+                    else "no finite loss before it"
+                raise FloatingPointError(
+                    f"{method}: the loss became {value} at step {step} ({where}); terms: "
+                    f"{ {k: float(v.detach()) for k, v in terms.items()} }. Lower the learning rate or the number of steps."
+                )
+            last_finite = value
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
