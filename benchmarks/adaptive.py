@@ -27,7 +27,7 @@ from probunlearn.temperature import evaluate_adaptive
 
 def splits(model_path: Path, questions: int) -> dict:
     data = model_path.parent.parent / "data"
-    if (data / "forget").exists():
+    if (data / "forget.jsonl").exists():
         return {name: spread_subset(load_split(data, name), questions) for name in ("forget", "retain")}
     authors = fictitious_authors(4, 16, seed=0)
     half = len(authors) // 2
@@ -46,7 +46,8 @@ def main() -> None:
     path = Path(args.model)
     model, tokenizer = load_model(path if path.exists() else "smollm2-135m")
     sets = splits(path, args.questions)
-    print(f"model: {path if path.exists() else 'smollm2-135m (no cpu run found)'}; "
+    source = "the run's forget/retain splits" if (path.parent.parent / "data" / "forget.jsonl").exists() else "generated authors"
+    print(f"model: {path if path.exists() else 'smollm2-135m (no cpu run found)'}; questions: {source}; "
           f"{len(sets['forget'])} forget + {len(sets['retain'])} retain questions x n = {args.samples}")
     kwargs = dict(num_samples=args.samples, max_new_tokens=args.max_new_tokens, progress=False)
     evaluate_adaptive(model, tokenizer, {split: ds.select([0]) for split, ds in sets.items()}, num_samples=2,

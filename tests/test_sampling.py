@@ -183,6 +183,39 @@ def test_greedy_and_sampled_in_one_pass_equal_separate_calls(model, tokenizer):
     assert sampled == sampling.sample_answers(model, tokenizer, QUESTIONS, **kwargs)
 
 
+def test_sample_rows_redraws_exactly_the_chosen_answers(model, tokenizer):
+    kwargs = dict(max_new_tokens=8, seed=3, temperature=0.8, progress=False)
+    greedy, _ = sampling.greedy_and_sampled_answers(model, tokenizer, QUESTIONS, n=6, **kwargs)
+    reference = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=6, **kwargs)
+    rows = [(3, 5), (0, 1), (2, sampling.GREEDY), (0, 4)]
+    ids = sampling.sample_rows(model, tokenizer, QUESTIONS, rows, batch_size=3, **kwargs)
+    assert ids[0] == reference[3][5] and ids[1] == reference[0][1] and ids[3] == reference[0][4]
+    assert sampling.answer_texts(tokenizer, [ids[2]]) == [greedy[2]]
+    assert sampling.sample_rows(model, tokenizer, QUESTIONS, [], **kwargs) == []
+    with pytest.raises(ValueError, match="rows must be"):
+        sampling.sample_rows(model, tokenizer, QUESTIONS, [(len(QUESTIONS), 0)], **kwargs)
+
+
+def test_step_observer_sees_every_live_row_with_raw_logits_and_chosen_tokens(model, tokenizer):
+    seen = []
+    observer = lambda q, j, step, logits, tokens: seen.append((q.copy(), j.copy(), step, logits.float().clone(),
+                                                                  tokens.clone()))
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=5, max_new_tokens=7, seed=1, progress=False,
+                                    batch_size=6, step_observer=observer)
+    # each row is seen at every step it decoded (len + 1 with EOS, max_new_tokens when cut), with its token
+    steps = {}
+    for q, j, step, logits, tokens in seen:
+        assert logits.shape == (len(q), model.config.vocab_size) and tokens.shape == (len(q),)
+        for i, k, token in zip(q, j, tokens.tolist()):
+            steps.setdefault((int(i), int(k)), []).append((step, token))
+    for i, rows in enumerate(ids):
+        for k, row in enumerate(rows):
+            taken = [token for _, token in sorted(steps[i, k])]
+            assert taken[:len(row)] == row and len(taken) == min(len(row) + 1, 7)
+            if len(taken) > len(row):
+                assert taken[-1] == EOS
+
+
 def test_rows_stop_at_eos_and_respect_max_new_tokens(model, tokenizer):
     rows = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=50, max_new_tokens=7, seed=0, progress=False)
     lengths = [len(r) for q in rows for r in q]
