@@ -109,7 +109,7 @@ def test_training_attention_is_eager_inside_and_gives_the_same_loss_and_gradient
         loss = model(**batch).loss
         loss.backward()
         grad = next(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0)
-        return float(loss), grad.clone()
+        return float(loss.detach()), grad.clone()
 
     fused = loss_and_grad()
     with models.training_attention(model):
