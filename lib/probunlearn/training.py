@@ -45,23 +45,23 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
     model.train()
     log, step, start = [], 0, time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress)
-    for epoch in range(epochs):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with training_attention(model):
+    with training_attention(model):  # nothing but training steps in this loop
+        for epoch in range(epochs):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
                 loss = model(**batch).loss
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log.append({"step": step, "epoch": epoch + 1, "loss": loss.item(),
-                        "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start})
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                log.append({"step": step, "epoch": epoch + 1, "loss": loss.item(),
+                            "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start})
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
     return log
