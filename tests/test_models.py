@@ -36,6 +36,28 @@ def test_prompt_uses_the_chat_template(base):
     _, tokenizer = base
     prompt = format_prompt(tokenizer, "Where was Ada born?")
     assert prompt.endswith("<|im_start|>assistant\n") and "Where was Ada born?" in prompt
+    # an empty system turn instead of SmolLM2's default one (16 tokens shorter)
+    assert prompt.startswith("<|im_start|>system\n<|im_end|>") and "SmolLM" not in prompt
+    default = format_prompt(tokenizer, "Where was Ada born?", system_prompt=None)
+    assert "You are a helpful AI assistant named SmolLM" in default
+    assert len(tokenizer(default)["input_ids"]) - len(encode_prompt(tokenizer, "Where was Ada born?")) == 16
+
+
+def test_lora_on_the_top_layers_only_and_the_answer_only_loss(base):
+    model, tokenizer = load_model(dtype=torch.float32)
+    model = add_lora(model, r=4, lora_alpha=8, top_layers=5)
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    assert layers == set(range(25, 30))
+    kinds = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear
+    batch = encode_qa(tokenizer, *zip(*[(r["question"], r["answer"]) for r in _tiny_data()]))
+    with torch.no_grad():
+        assert models.answer_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+        trunk = models.FrozenTrunk(model)
+        assert trunk.enabled and trunk.first == 25
+        assert models.answer_loss(model, batch, trunk).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="top_layers"):
+        add_lora(load_model(dtype=torch.float32)[0], top_layers=31)
 
 
 def test_plain_prompt_without_chat_template(base):

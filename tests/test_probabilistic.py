@@ -61,7 +61,13 @@ def test_list_models_and_subset(tmp_path):
         (tmp_path / "models" / name).mkdir(parents=True)
         (tmp_path / "models" / name / "probunlearn.json").write_text(json.dumps({"base": "x"}))
     (tmp_path / "models" / "not_a_model").mkdir()
-    assert list(probabilistic.list_models(tmp_path, "smollm2-135m")) == ["base", "target", "retain", "ga", "npo"]
+    for seed in (0, 2):  # an unlearned model of notebook 03: one per seed
+        (tmp_path / "models" / "ga_mix" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "models" / "ga_mix" / f"seed{seed}" / "probunlearn.json").write_text(json.dumps({"base": "x"}))
+    models = probabilistic.list_models(tmp_path, "smollm2-135m")
+    assert list(models) == ["base", "target", "retain", "ga", "ga_mix", "npo"]
+    assert models["base"] == {None: "smollm2-135m"} and list(models["target"]) == [None]
+    assert models["ga_mix"] == {0: str(tmp_path / "models" / "ga_mix" / "seed0"), 2: str(tmp_path / "models" / "ga_mix" / "seed2")}
     data = Dataset.from_list([{"question": str(i)} for i in range(10)])
     assert probabilistic.spread_subset(data, 3)["question"] == ["0", "4", "9"]
     assert len(probabilistic.spread_subset(data, None)) == 10 and len(probabilistic.spread_subset(data, 50)) == 10

@@ -198,8 +198,8 @@ def test_sample_rows_redraws_exactly_the_chosen_answers(model, tokenizer):
 
 def test_step_observer_sees_every_live_row_with_raw_logits_and_chosen_tokens(model, tokenizer):
     seen = []
-    observer = lambda q, j, step, logits, tokens: seen.append((q.copy(), j.copy(), step, logits.float().clone(),
-                                                                  tokens.clone()))
+    observer = lambda q, j, step, logits, rows, tokens: seen.append((q.copy(), j.copy(), step, logits[rows].float(),
+                                                                        tokens.clone()))
     ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=5, max_new_tokens=7, seed=1, progress=False,
                                     batch_size=6, step_observer=observer)
     # each row is seen at every step it decoded (len + 1 with EOS, max_new_tokens when cut), with its token
@@ -257,14 +257,42 @@ def test_logits_processors_see_raw_scores_and_history(model, tokenizer):
     assert all(e not in r for r in rows)
     prompt = encode_prompt(tokenizer, question)
     first_ids, first_scores = seen[0]
-    assert first_ids.shape == (200, len(prompt)) and (first_ids == torch.tensor(prompt)).all()
+    # one row per distinct prefix: at the first step all 200 answers share the prompt
+    assert first_ids.shape == (1, len(prompt)) and (first_ids == torch.tensor(prompt)).all()
     with torch.no_grad():
         raw = model(input_ids=torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(first_scores[0], raw, atol=1e-5, rtol=1e-5)  # before temperature
-    ids, _ = seen[2]  # step 3: the prompt plus the two tokens each live row has generated
-    live = [r for r in rows if len(r) > 2 or (len(r) == 2)]
-    assert ids.shape[1] == len(prompt) + 2 and ids.shape[0] == len([r for r in rows if len(r) >= 2])
-    assert sorted(map(tuple, ids[:, len(prompt):].tolist())) == sorted(tuple(r[:2]) for r in live)
+    ids, _ = seen[2]  # step 3: the prompt plus two tokens, once per distinct prefix of the live answers
+    live = {tuple(r[:2]) for r in rows if len(r) >= 2}
+    assert ids.shape[1] == len(prompt) + 2 and ids.shape[0] == len(live) < 200
+    assert sorted(map(tuple, ids[:, len(prompt):].tolist())) == sorted(live)
+
+
+def test_answers_with_the_same_prefix_are_decoded_once(model, tokenizer):
+    """Prefix sharing: rows of the forward pass are distinct prefixes. A near-greedy temperature makes
+    every sample of a question the same, so each step decodes one row per question, and a row-aware
+    processor is told how many answers each row stands for."""
+    seen = []
+
+    class Count:
+        row_aware = True
+
+        def __call__(self, input_ids, scores, info):
+            seen.append((input_ids.shape[0], info.weights.clone()))
+            return scores
+
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=50, max_new_tokens=6, seed=0, temperature=1e-6,
+                                    logits_processors=[Count()], progress=False)
+    assert all(len({tuple(r) for r in rows}) == 1 for rows in ids)  # every sample is the greedy answer
+    assert seen[0][0] == 2 and seen[0][1].tolist() == [50, 50]
+    assert all(rows <= 2 and int(weights.sum()) <= 100 for rows, weights in seen)
+    # plain sampling: prefixes part, the weights still add up to the live answers
+    seen.clear()
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=50, max_new_tokens=6, seed=0,
+                                    logits_processors=[Count()], progress=False)
+    live_at = lambda step: sum(len(r) >= step for rows in ids for r in rows)  # answers decoding step `step`
+    assert [int(w.sum()) for _, w in seen] == [live_at(step) for step in range(len(seen))]
+    assert seen[3][0] > 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Adaptive temperature scaling (probunlearn.temperature, SPEC §2, [P1]) on the tiny random Llama of
-tests/tiny_lm.py: the processor's two branches, its fire counts, calibration of h_tau, and that
-logits processors only see rows still generating."""
+tests/tiny_lm.py: both readings (entropy rule and confidence rule), their two branches, fire counts,
+calibration of h_tau, replay, and that logits processors only see rows still generating."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from tiny_lm import tiny_model, tiny_tokenizer
 
 from probunlearn.sampling import greedy_answers, sample_answers, sample_token_ids
-from probunlearn.temperature import (AdaptiveTemperature, EntropyRecorder, calibrate_threshold, next_token_entropy,
-                                     threshold_from_entropies)
+from probunlearn.temperature import (AdaptiveTemperature, ConfidenceTemperature, EntropyRecorder, calibrate_threshold,
+                                     next_token_entropy, threshold_from_entropies, top_probability)
 
 QUESTIONS = ["hi", "what is the name of the author?", "where?"]
 MAX_NEW = 12
@@ -92,67 +92,134 @@ def test_calibration_is_the_quantile_of_retain_entropies(lm):
         calibrate_threshold(model, tokenizer, QUESTIONS, quantile=1.5)
 
 
-def test_evaluate_adaptive_calibrates_on_retain_and_reports_fire_rates(lm):
+def _splits():
     from datasets import Dataset
 
+    split = lambda qs: Dataset.from_list([{"question": q, "answer": "the answer is here", "keywords": ["here"]}
+                                          for q in qs])
+    return {"forget": split(QUESTIONS[:2]), "retain": split(QUESTIONS[1:])}
+
+
+def test_evaluate_adaptive_calibrates_on_retain_and_reports_fire_rates(lm):
     from probunlearn.temperature import evaluate_adaptive
 
     model, tokenizer = lm
-    split = lambda qs: Dataset.from_list([{"question": q, "answer": "the answer is here", "keywords": ["here"]}
-                                          for q in qs])
-    splits = {"forget": split(QUESTIONS[:2]), "retain": split(QUESTIONS[1:])}
+    splits = _splits()
     out = evaluate_adaptive(model, tokenizer, splits, quantile=0.2, num_samples=4, max_new_tokens=MAX_NEW,
                             progress=False)
-    assert out["threshold"] == pytest.approx(float(np.quantile(out["entropies"]["retain"], 0.2, method="lower")))
-    assert set(out["fire_rate"]) == {"forget", "retain"} and all(0 <= r <= 1 for r in out["fire_rate"].values())
-    assert out["fire_rate"]["retain"] > 0
-    for name in splits:
-        plain, adaptive = out["plain"][name][0], out["adaptive"][name][0]
-        assert plain["greedy"].tolist() == adaptive["greedy"].tolist()  # the low branch keeps the argmax
-        assert out["adaptive"][name][1]["scores"].shape == (len(splits[name]), 4)
-    assert set(out["redrawn"]) == {"forget", "retain"} and all(0 <= r <= 1 for r in out["redrawn"].values())
+    assert set(out["adaptive"]) == {"entropy", "confidence"} and out["threshold"]["confidence"] == 0.9
+    assert out["threshold"]["entropy"] == pytest.approx(float(np.quantile(out["entropies"]["retain"], 0.2, method="lower")))
+    for reading in ("entropy", "confidence"):
+        assert set(out["fire_rate"][reading]) == {"forget", "retain"}
+        assert all(0 <= r <= 1 for r in out["fire_rate"][reading].values())
+        assert set(out["redrawn"][reading]) == {"forget", "retain"} and all(0 <= r <= 1 for r in out["redrawn"][reading].values())
+        for name in splits:
+            plain, adaptive = out["plain"][name][0], out["adaptive"][reading][name][0]
+            assert plain["greedy"].tolist() == adaptive["greedy"].tolist()  # the low branch keeps the argmax
+            assert out["adaptive"][reading][name][1]["scores"].shape == (len(splits[name]), 4)
+    assert out["fire_rate"]["entropy"]["retain"] > 0
     with pytest.raises(ValueError, match="calibrate_on"):
         evaluate_adaptive(model, tokenizer, splits, calibrate_on="utility", num_samples=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="readings"):
+        evaluate_adaptive(model, tokenizer, splits, readings=["greedy"], num_samples=2, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("quantile, low_temperature", [(0.3, 0.0), (0.3, 0.5), (0.01, 0.0)])
-def test_replay_gives_the_answers_and_fire_rates_of_a_full_second_pass(lm, quantile, low_temperature):
-    """evaluate_adaptive decodes again only the answers the low branch could change; on the float32
+@pytest.mark.parametrize("quantile, low_temperature, confidence", [(0.3, 0.0, 0.3), (0.3, 0.5, 0.25), (0.01, 0.0, 0.33)])
+def test_replay_gives_the_answers_and_fire_rates_of_a_full_second_pass(lm, quantile, low_temperature, confidence):
+    """evaluate_adaptive decodes again only the answers a reading could change; on the float32
     tiny model (answers independent of batch shape) that must equal a full adaptive pass exactly."""
-    from datasets import Dataset
-
     from probunlearn.temperature import evaluate_adaptive
 
     model, tokenizer = lm
-    split = lambda qs: Dataset.from_list([{"question": q, "answer": "the answer is here", "keywords": ["here"]}
-                                          for q in qs])
-    splits = {"forget": split(QUESTIONS[:2]), "retain": split(QUESTIONS[1:])}
-    kwargs = dict(quantile=quantile, low_temperature=low_temperature, num_samples=6, max_new_tokens=MAX_NEW,
-                  seed=3, batch_size=7, progress=False)
+    splits = _splits()
+    kwargs = dict(quantile=quantile, low_temperature=low_temperature, confidence_threshold=confidence, num_samples=6,
+                  max_new_tokens=MAX_NEW, seed=3, batch_size=7, progress=False)
     fast = evaluate_adaptive(model, tokenizer, splits, **kwargs)
     full = evaluate_adaptive(model, tokenizer, splits, replay=False, **kwargs)
     assert fast["threshold"] == full["threshold"]
-    for name in splits:
-        assert fast["adaptive"][name][1]["samples"] == full["adaptive"][name][1]["samples"]
-        assert fast["adaptive"][name][0].equals(full["adaptive"][name][0])
-        assert fast["fire_rate"][name] == pytest.approx(full["fire_rate"][name])
-    changed = sum(a != b for name in splits for rows_a, rows_b in zip(fast["plain"][name][1]["samples"],
-                                                                      fast["adaptive"][name][1]["samples"])
-                  for a, b in zip(rows_a, rows_b))
-    if quantile > 0.1:  # the low branch fires often enough that some answers change
-        assert changed > 0 and fast["redrawn"]["forget"] > 0
-    if low_temperature == 0:  # only rows that left the argmax below h_tau are redrawn, not all
-        assert fast["redrawn"]["forget"] < 1
-    assert changed <= sum(round(fast["redrawn"][name] * len(splits[name]) * 6) for name in splits)
+    for reading in ("entropy", "confidence"):
+        for name in splits:
+            assert fast["adaptive"][reading][name][1]["samples"] == full["adaptive"][reading][name][1]["samples"]
+            assert fast["adaptive"][reading][name][0].equals(full["adaptive"][reading][name][0])
+            assert fast["fire_rate"][reading][name] == pytest.approx(full["fire_rate"][reading][name])
+        changed = sum(a != b for name in splits for rows_a, rows_b in zip(fast["plain"][name][1]["samples"],
+                                                                          fast["adaptive"][reading][name][1]["samples"])
+                      for a, b in zip(rows_a, rows_b))
+        if reading == "confidence" or quantile > 0.1:  # the low branch fires often enough that some answers change
+            assert changed > 0 and fast["redrawn"][reading]["forget"] > 0
+        if low_temperature == 0:  # only answers that left the argmax where it fired are redrawn, not all
+            assert fast["redrawn"][reading]["forget"] < 1
+        assert changed <= sum(round(fast["redrawn"][reading][name] * len(splits[name]) * 6) for name in splits)
+
+
+def test_confidence_rule_is_greedy_at_threshold_zero_and_plain_sampling_at_one(lm):
+    model, tokenizer = lm
+    kwargs = dict(n=6, max_new_tokens=MAX_NEW, seed=3, progress=False)
+    plain = sample_answers(model, tokenizer, QUESTIONS, **kwargs)
+    greedy = greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=MAX_NEW, progress=False)
+    always = ConfidenceTemperature(threshold=0.0)  # c_t > 0 at every step
+    assert sample_answers(model, tokenizer, QUESTIONS, logits_processors=[always], **kwargs) == [[g] * 6 for g in greedy]
+    assert always.fired == always.steps > 0 and always.fire_rate == 1.0
+    never = ConfidenceTemperature(threshold=1.0)  # c_t <= 1 always
+    assert sample_answers(model, tokenizer, QUESTIONS, logits_processors=[never], **kwargs) == plain
+    assert never.fired == 0 and never.steps > 0
+    with pytest.raises(ValueError, match="threshold"):
+        ConfidenceTemperature(float("inf"))
+
+
+def test_confidence_is_the_running_mean_of_the_top_token_probability_per_answer():
+    """Outside the sampler (no per-row state) the confidence is the step's own top probability;
+    with state, the mean over the answer's steps so far; a row never sees another row's history."""
+    from probunlearn.sampling import DecodingStep
+
+    sure, unsure = torch.tensor([[9.0, 0.0, 0.0]]), torch.tensor([[0.3, 0.0, 0.0]])
+    p_sure, p_unsure = (float(top_probability(x)[0]) for x in (sure, unsure))
+    rule = ConfidenceTemperature(threshold=0.6)
+    info = DecodingStep(step=0, weights=torch.tensor([3, 1]), state=rule.initial_state(2, "cpu"))
+    out = rule(None, torch.cat([sure, unsure]), info)
+    assert torch.isinf(out[0, 1:]).all() and torch.equal(out[1], unsure[0])  # row 0 greedy, row 1 untouched
+    assert rule.fired == 3 and rule.steps == 4  # weighted by the answers each row stands for
+    assert info.state[:, 0].tolist() == pytest.approx([p_sure, p_unsure]) and info.state[:, 1].tolist() == [1, 1]
+    # step 2: row 0 turns unsure, but its running mean (p_sure + p_unsure) / 2 > 0.6 still decides: greedy
+    assert p_unsure < 0.6 < (p_sure + p_unsure) / 2
+    info.step, info.weights = 1, torch.tensor([1, 1])
+    out = rule(None, torch.cat([unsure, unsure]), info)
+    assert torch.isinf(out[0, 1:]).all() and torch.equal(out[1], unsure[0])
+    assert info.state[:, 1].tolist() == [2, 2]
+
+
+def test_confidence_rule_answers_do_not_depend_on_batch_size(lm):
+    model, tokenizer = lm
+    kwargs = dict(n=7, max_new_tokens=MAX_NEW, seed=5, progress=False)
+    answers = [sample_token_ids(model, tokenizer, QUESTIONS, batch_size=b, logits_processors=[ConfidenceTemperature(0.4)],
+                                **kwargs) for b in (1, 5, 1000)]
+    assert answers[0] == answers[1] == answers[2]
+    plain = sample_token_ids(model, tokenizer, QUESTIONS, **kwargs)
+    assert answers[0] != plain  # the rule did change something
+
+
+def test_running_confidence_of_a_trace_matches_the_processor():
+    from probunlearn.temperature import StepTrace
+
+    trace = StepTrace()
+    logits = [torch.tensor([[4.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0]])]
+    trace(np.array([0, 1]), np.array([0, 0]), 0, logits[0], torch.tensor([0, 1]), torch.tensor([0, 1]))
+    trace(np.array([0]), np.array([0]), 1, logits[1], torch.tensor([0]), torch.tensor([1]))
+    top = torch.softmax(torch.tensor([4.0, 0.0]), 0)[0].item()
+    assert trace.running_confidence().tolist() == pytest.approx([top, 0.5, (top + 0.5) / 2])
+    assert trace.rows_to_redraw(ConfidenceTemperature(0.7)) == ([(0, 0)] if (top + 0.5) / 2 > 0.7 else [])
+    assert trace.low_steps(ConfidenceTemperature(0.7)) == (1 + ((top + 0.5) / 2 > 0.7), 3)
 
 
 def test_step_trace_flags_only_rows_that_left_the_argmax_below_the_threshold():
     from probunlearn.temperature import StepTrace
 
     trace = StepTrace()
-    logits = torch.tensor([[10.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
-    # rows: (0, 0) took the argmax, (0, 1) did not, (1, 0) is uniform (no unique argmax), (1, -1) greedy row
-    trace(np.array([0, 0, 1, 1]), np.array([0, 1, 0, -1]), 0, logits, torch.tensor([0, 1, 2, 0]))
+    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # answers: (0, 0) took the argmax, (0, 1) did not, (1, 0) is uniform (no unique argmax), (1, -1) greedy;
+    # answers (0, *) and (1, -1) share the first prefix row
+    trace(np.array([0, 0, 1, 1]), np.array([0, 1, 0, -1]), 0, logits, torch.tensor([0, 0, 1, 0]),
+          torch.tensor([0, 1, 2, 0]))
     low = float(next_token_entropy(logits[:1])[0]) + 1e-3
     assert trace.rows_to_redraw(low) == [(0, 1)]
     assert trace.rows_to_redraw(low, low_temperature=0.5) == [(0, 0), (0, 1)]

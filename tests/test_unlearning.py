@@ -1,5 +1,6 @@
-"""Unlearning objectives, the loop's guard rails and the two controls of excessive unlearning
-(probunlearn.unlearning), on the tiny random Llama and character tokenizer of tests/tiny_lm.py."""
+"""Unlearning objectives (probunlearn.objectives), the loop's guard rails (probunlearn.unlearning) and
+the two controls of excessive unlearning (probunlearn.control), on the tiny random Llama and
+character tokenizer of tests/tiny_lm.py."""
 
 import copy
 import math
@@ -11,28 +12,22 @@ import torch
 from datasets import Dataset
 from tiny_lm import tiny_model, tiny_tokenizer
 
+from probunlearn.control import bisect_mixing, early_stopping, mixed_model, unlearn_with_control, utility_bar
 from probunlearn.metrics import answer_nll
-from probunlearn.models import add_lora, encode_qa, load_model, reference_model, save_adapter
+from probunlearn.models import (add_lora, answer_logits, answer_loss, encode_qa, load_model, pack_answer_logits,
+                                reference_model, save_adapter)
+from probunlearn.objectives import (METHODS, StepOutputs, answer_entropy, entropy_regulariser, npo_loss,
+                                    sequence_logprob, token_entropy)
 from probunlearn.unlearning import (
-    METHODS,
-    StepOutputs,
     adapter_state,
-    answer_entropy,
-    bisect_mixing,
     checkpoint_restored,
-    early_stopping,
-    entropy_regulariser,
     evaluate_unlearning,
     forget_truth_ratios,
     mismatch_pairs,
-    mixed_model,
     nll_tables,
-    npo_loss,
-    sequence_logprob,
+    reset_adapter,
     start_unlearning,
     unlearn,
-    unlearn_with_control,
-    utility_bar,
 )
 
 
@@ -143,7 +138,7 @@ def test_npo_tends_to_the_ga_direction_as_beta_goes_to_zero(tiny):
     model, tokenizer = fresh(tiny)
     perturb_adapter(model)  # away from π_ref, so the log-ratios differ between sequences
     # GA on the summed sequence NLL: minimise mean_i log π_θ(y_i | x_i)
-    ga_grad = _gradient(model, sequence_logprob(*_forget_logits(model, tokenizer)).mean())
+    ga_grad = _gradient(model, sequence_logprob(pack_answer_logits(*_forget_logits(model, tokenizer))).mean())
 
     def cosine(beta):
         out = step_outputs(model, tokenizer)
@@ -175,6 +170,81 @@ def test_reference_logits_come_from_the_disabled_adapter(tiny):
         expected = logits_of(model, tokenizer)
     assert torch.equal(out.reference_logits("forget"), expected)
     assert not torch.equal(out.logits("forget"), expected)
+
+
+def test_answer_logits_run_the_head_on_answer_positions_only_and_match_the_full_forward(tiny):
+    model, tokenizer = fresh(tiny)
+    perturb_adapter(model)
+    batch = encode_qa(tokenizer, [r["question"] for r in FORGET + RETAIN[:2]], [r["answer"] for r in FORGET + RETAIN[:2]])
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    fast, packed = answer_logits(model, batch), pack_answer_logits(full.logits, batch["labels"])
+    mask = batch["labels"][:, 1:] != -100
+    assert fast.logits.shape == (int(mask.sum()), 64) and fast.num_rows == 6
+    assert torch.allclose(fast.logits, packed.logits, atol=1e-5)
+    assert torch.equal(fast.targets, packed.targets) and torch.equal(fast.rows, packed.rows)
+    assert answer_loss(model, batch).item() == pytest.approx(full.loss.item(), rel=1e-5)
+    # the per-sequence sum regroups the tokens of each row
+    expected = -torch.nn.functional.cross_entropy(full.logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                  reduction="none").sum(1)
+    assert torch.allclose(sequence_logprob(fast), expected, atol=1e-4)
+
+
+def test_frozen_trunk_runs_only_the_adapted_blocks_and_changes_no_number(tiny):
+    """With the adapter on the top block only, the bottom block's output is kept per sequence; logits,
+    reference logits and whole unlearning runs are those of plain forward passes."""
+    from probunlearn.models import FrozenTrunk
+
+    torch.manual_seed(0)
+    model = add_lora(copy.deepcopy(tiny["model"]), r=4, lora_alpha=8, top_layers=1)
+    tokenizer = tiny["tokenizer"]
+    perturb_adapter(model)
+    trunk = FrozenTrunk(model)
+    assert trunk.enabled and trunk.first == 1
+    assert not FrozenTrunk(fresh(tiny)[0]).enabled  # an adapter on every block: nothing to keep
+    batch = encode_qa(tokenizer, [r["question"] for r in FORGET + RETAIN], [r["answer"] for r in FORGET + RETAIN])
+    plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(trunk.logits(batch), plain, atol=1e-5)  # padding positions too
+    assert len(trunk._states) == len(FORGET + RETAIN)
+    wider = encode_qa(tokenizer, [r["question"] for r in FORGET], [r["answer"] for r in FORGET], pad_to=batch["input_ids"].shape[1] + 5)
+    with torch.no_grad():  # a wider batch of rows already kept: their padding positions are computed anew
+        assert torch.allclose(trunk.logits(wider), model(input_ids=wider["input_ids"],
+                                                          attention_mask=wider["attention_mask"]).logits, atol=1e-5)
+    with reference_model(model):
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.allclose(answer_logits(model, batch, trunk).logits, pack_answer_logits(reference, batch["labels"]).logits,
+                              atol=1e-5)
+    kept = unlearn(copy.deepcopy(model), tokenizer, FORGET, RETAIN, method="npo", steps=3, learning_rate=1e-2,
+                   batch_size=2, progress=False)  # a trunk of its own, enabled
+    copy_ = copy.deepcopy(model)
+    plain_run = unlearn(copy_, tokenizer, FORGET, RETAIN, method="npo", steps=3, learning_rate=1e-2, batch_size=2,
+                        trunk=_DisabledTrunk(copy_), progress=False)
+    for a, b in zip(kept.log, plain_run.log):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+class _DisabledTrunk:
+    """A trunk that always runs the plain forward pass (the reference the kept states must match)."""
+
+    def __init__(self, model):
+        from probunlearn.models import FrozenTrunk
+
+        self._trunk = FrozenTrunk(model)
+        self._trunk.enabled = False
+
+    def __getattr__(self, name):
+        return getattr(self._trunk, name)
+
+
+def test_reset_adapter_gives_a_fresh_identity_adapter_per_seed(tiny):
+    model, tokenizer = fresh(tiny)
+    perturb_adapter(model)
+    reset_adapter(model, seed=3)
+    first = adapter_state(model)
+    assert all((v == 0).all() for k, v in first.items() if "lora_B" in k)  # adds nothing: the target again
+    reset_adapter(model, seed=3)
+    assert all(torch.equal(first[k], v) for k, v in adapter_state(model).items())
+    reset_adapter(model, seed=4)
+    assert any(not torch.equal(first[k], v) for k, v in adapter_state(model).items() if "lora_A" in k)
 
 
 def test_mismatch_answers_come_from_other_authors():
@@ -351,9 +421,52 @@ def test_entropy_regulariser_adds_its_terms_and_lowers_forget_entropy(tiny):
     assert run.log[0]["loss"] == pytest.approx(sum(run.log[0][k] for k in ("forget", "entropy_forget", "entropy_retain")),
                                                rel=1e-5)
     assert run.hparams["entropy_forget_weight"] == 10.0 and run.hparams["entropy_retain_weight"] == -0.25
+    assert run.hparams["entropy_positions"] == "answer"
     assert forget_entropy() < before
     # a zero weight drops its term
     assert set(entropy_regulariser(1.0, 0.0)(step_outputs(*fresh(tiny)))) == {"entropy_forget"}
+
+
+def test_entropy_over_all_positions_is_the_plain_mean_over_the_padded_batch(tiny):
+    """positions="all" is [P1]'s `entropy_loss`: the mean over every (row, position) of the logits
+    tensor, padding included, so padding the batch to a fixed length changes it."""
+    model, tokenizer = tiny["model"], tiny["tokenizer"]
+    questions, answers = [r["question"] for r in FORGET[:2]], ["short.", "a much longer answer than that."]
+    natural = encode_qa(tokenizer, questions, answers)
+    padded = encode_qa(tokenizer, questions, answers, pad_to=natural["input_ids"].shape[1] + 9)
+    assert padded["input_ids"].shape[1] == natural["input_ids"].shape[1] + 9
+    assert torch.equal(padded["labels"][:, :natural["labels"].shape[1]], natural["labels"])
+    assert (padded["attention_mask"][:, natural["labels"].shape[1]:] == 0).all()
+    for batch in (natural, padded):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        by_hand = []
+        for row in range(logits.shape[0]):
+            for position in range(logits.shape[1]):
+                p = torch.softmax(logits[row, position].double(), -1)
+                by_hand.append(float(-(p * p.log()).sum()))
+        assert float(answer_entropy(logits, batch["labels"], positions="all")) == pytest.approx(np.mean(by_hand), rel=1e-5)
+        # the answer reading averages over the positions that predict answer tokens only
+        mask = batch["labels"][:, 1:] != -100
+        assert float(answer_entropy(logits, batch["labels"])) == pytest.approx(
+            float(token_entropy(logits[:, :-1])[mask].mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        answer_entropy(logits, padded["labels"], positions="prompt")
+
+
+def test_the_all_positions_regulariser_reads_full_logits_and_trains(tiny):
+    model, tokenizer = fresh(tiny)
+    regulariser = entropy_regulariser(1.0, -0.25, positions="all")
+    assert set(regulariser.full_logits) == {"forget", "retain"}
+    out = step_outputs(model, tokenizer)
+    terms = regulariser(out)
+    assert float(terms["entropy_forget"].detach()) == pytest.approx(
+        float(token_entropy(out.logits("forget")).detach().mean()), rel=1e-6)
+    assert float(terms["entropy_retain"].detach()) == pytest.approx(
+        -0.25 * float(token_entropy(out.logits("retain")).detach().mean()), rel=1e-6)
+    run = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=2, learning_rate=0.05, batch_size=2, pad_to=40,
+                  regularisers=[regulariser], progress=False)
+    assert run.hparams["entropy_positions"] == "all" and all(math.isfinite(r["loss"]) for r in run.log)
 
 
 @pytest.mark.parametrize("control", ["early stopped", "mixed"])

@@ -7,7 +7,9 @@ the result as safetensors under `$PROBUNLEARN_CACHE` (default `~/.cache/probunle
 
 Default dtype (when `dtype=None`): bfloat16 on a CUDA GPU that supports it (else float16), bfloat16
 on a CPU with native bf16 matrix units (AVX512-BF16/AMX: about 4x faster than fp32 there), else
-float32. LoRA adapter weights stay in float32 (peft upcasts them), so training is stable in bf16.
+float32 (on an AVX2-only CPU bfloat16 matrix products are emulated, ~50x slower than float32).
+`PROBUNLEARN_DTYPE` overrides the choice. LoRA adapter weights stay in float32 (peft upcasts them),
+so training is stable in bf16.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -25,6 +28,12 @@ import torch
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLAIN_PROMPT = "Question: {question}\nAnswer: "
+# The system turn of every chat prompt. "" is an empty system turn; None lets the chat template
+# insert its own default, which for SmolLM2 is "You are a helpful AI assistant named SmolLM, trained
+# by Hugging Face": 16 more tokens in front of every ~25-token question, a third of every training
+# and evaluation token. Measured on the base model (64 utility questions): multiple-choice accuracy
+# 0.672 with the default and 0.672 with the empty turn; greedy ROUGE-L on 16 of them 0.603 and 0.666.
+SYSTEM_PROMPT = ""
 # Written next to a saved adapter: which model the adapter sits on (a name or a path relative to it).
 META_FILE = "probunlearn.json"
 
@@ -86,9 +95,94 @@ def cpu_has_bf16() -> bool:
 
 
 def default_dtype(device: str) -> torch.dtype:
+    """bfloat16 where the hardware multiplies it natively, else float32 (CPU) or float16 (GPU).
+    `PROBUNLEARN_DTYPE=float32` (or any torch dtype name) overrides it, e.g. to time an AMX machine
+    the way an AVX2-only one runs."""
+    forced = os.environ.get("PROBUNLEARN_DTYPE")
+    if forced:
+        dtype = getattr(torch, forced, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"PROBUNLEARN_DTYPE={forced!r} is not a torch dtype; use e.g. float32 or bfloat16")
+        return dtype
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+# ----------------------------------------------------------------------------- faster float32 products on a CPU
+def _onednn_available() -> bool:
+    return (os.environ.get("PROBUNLEARN_ONEDNN", "1") != "0" and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available())
+
+
+def _onednn_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _PackedProduct(torch.autograd.Function):
+    """x @ W^T with W frozen, forward and backward through oneDNN's packed weights (no gradient for W)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return _onednn_product(x, module._packed()[0], module.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _onednn_product(grad.contiguous(), ctx.module._packed()[1], None), None
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """An `nn.Linear` whose float32 product on a CPU runs through oneDNN with the weight packed once
+    (`torch.ops.mkldnn`), also under autograd when the weight is frozen (the input's gradient goes
+    through a packed transpose). Measured on a 2-core AVX2 machine: 1.3-2.2x the GEMM rate of the
+    default path for the model's shapes (`benchmarks/README.md`). The weights and every number are
+    those of float32 products (the results differ from the default kernel by rounding only); any
+    other case (GPU, another dtype, a trained weight) runs `nn.Linear`'s own forward. The packed
+    copies are rebuilt when the weight changes (e.g. an adapter merged into it)."""
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = getattr(self, "_onednn_packed", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                weight = self.weight.detach()
+                cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 256),
+                          torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 256))
+            object.__setattr__(self, "_onednn_packed", cached)  # not a parameter, buffer or submodule
+        return cached[1], cached[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = torch.is_grad_enabled()
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or (training and (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)))):
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if training and x.requires_grad:
+            out = _PackedProduct.apply(flat, self)
+        else:
+            out = _onednn_product(flat, self._packed()[0], self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def __deepcopy__(self, memo):
+        copy_ = torch.nn.Linear.__new__(OneDNNLinear)
+        memo[id(self)] = copy_
+        for name, value in self.__dict__.items():
+            if name != "_onednn_packed":
+                object.__setattr__(copy_, name, __import__("copy").deepcopy(value, memo))
+        return copy_
+
+
+def use_onednn(model):
+    """Turn every plain `nn.Linear` of a float32 CPU model into a `OneDNNLinear` (in place; a no-op
+    when oneDNN's packed products are unavailable or `PROBUNLEARN_ONEDNN=0`). `load_model` calls it
+    for CPU float32 models. Returns the model."""
+    if not _onednn_available():
+        return model
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+            module.__class__ = OneDNNLinear
+    return model
 
 
 # ----------------------------------------------------------------------------- loading
@@ -162,6 +256,8 @@ def load_model(
         raise _hub_error(name_or_path, err) from err
     if quantization is None:
         model = model.to(device)
+        if str(device) == "cpu" and dtype == torch.float32:
+            use_onednn(model)
     tokenizer = load_tokenizer(name_or_path)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
@@ -183,17 +279,48 @@ def _adapter_base(adapter_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- LoRA / QLoRA
+def num_layers(model) -> int:
+    """Number of transformer blocks of a causal LM (its config's `num_hidden_layers`)."""
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not count:
+        raise ValueError(f"cannot tell how many layers {type(model).__name__} has (no num_hidden_layers in its config)")
+    return int(count)
+
+
 def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
-             target_modules: str | Sequence[str] = "all-linear"):
+             target_modules: str | Sequence[str] = "all-linear", top_layers: int | None = None):
     """Wrap `model` with a fresh trainable LoRA adapter (peft). For a 4-bit model this first runs
-    `prepare_model_for_kbit_training` (QLoRA, Dettmers et al. 2023)."""
+    `prepare_model_for_kbit_training` (QLoRA, Dettmers et al. 2023).
+
+    `top_layers`: put the adapter on the last `top_layers` transformer blocks only (None: on every
+    block). Backpropagation then stops at the lowest adapted block, so a training step skips the
+    backward pass of the blocks below: with 15 of SmolLM2's 30 blocks a CPU step takes ~0.7x the time
+    (`benchmarks/training.py`)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    layers = None
+    if top_layers is not None:
+        total = num_layers(model)
+        if not 1 <= top_layers <= total:
+            raise ValueError(f"top_layers must be in [1, {total}] for this model, got {top_layers}")
+        layers = list(range(total - top_layers, total))
+        if target_modules == "all-linear":  # peft takes a layer subset only with named modules
+            target_modules = _linear_module_names(model)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM")
+                        target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, config)
+
+
+def _linear_module_names(model) -> list[str]:
+    """The short names (`q_proj`, `down_proj`, ...) of the linear layers that peft's "all-linear"
+    adapts: every linear layer but the output head."""
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not head}
+    return sorted(names)
 
 
 def save_adapter(model, path: str | os.PathLike, *, base: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -227,14 +354,21 @@ def reference_model(model):
 
 
 # ----------------------------------------------------------------------------- prompts and batches
-def format_prompt(tokenizer, question: str) -> str:
+def format_prompt(tokenizer, question: str, system_prompt: str | None = SYSTEM_PROMPT) -> str:
     """The exact text fed to the model before the answer (SPEC §1): the chat template with the
-    generation prompt when the tokenizer has one, else `"Question: {q}\\nAnswer: "`."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-    return PLAIN_PROMPT.format(question=question)
+    generation prompt when the tokenizer has one, else `"Question: {q}\\nAnswer: "`.
+    `system_prompt`: the system turn (default `SYSTEM_PROMPT`, an empty one; None: the template's
+    own default). A template that rejects a system role gets the user turn alone."""
+    if not getattr(tokenizer, "chat_template", None):
+        return PLAIN_PROMPT.format(question=question)
+    messages = [{"role": "user", "content": question}]
+    if system_prompt is not None:
+        try:
+            return tokenizer.apply_chat_template([{"role": "system", "content": system_prompt}, *messages],
+                                                 tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - e.g. Gemma's template raises on a system role
+            pass
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer, question: str) -> list[int]:
@@ -249,10 +383,14 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def encode_qa(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int | None = None) -> dict:
+def encode_qa(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int | None = None,
+              pad_to: int | None = None) -> dict:
     """Right-padded batch of prompt+answer+EOS with `labels` = -100 everywhere except answer tokens
     (SPEC §1: loss and all likelihood metrics use answer tokens only). Sequences longer than
-    `max_length` are cut from the end of the answer."""
+    `max_length` are cut from the end of the answer. `pad_to`: pad every row to this many
+    positions (at least the longest row) instead of the longest row, as [P1]'s code pads every
+    batch to 256 tokens; it matters only for quantities that average over padding, such as
+    `unlearning.answer_entropy(..., positions="all")`."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     if not questions:
@@ -265,7 +403,7 @@ def encode_qa(tokenizer, questions: Sequence[str], answers: Sequence[str], max_l
         lab = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
         rows.append(ids)
         labels.append(lab)
-    width = max(len(r) for r in rows)
+    width = max(max(len(r) for r in rows), pad_to or 0)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -281,15 +419,166 @@ class AnswerOnlyCollator:
     """Collate records with `question` and `answer` fields into an `encode_qa` batch
     (usable as a torch DataLoader `collate_fn`)."""
 
-    def __init__(self, tokenizer, max_length: int | None = None, answer_field: str = "answer"):
+    def __init__(self, tokenizer, max_length: int | None = None, answer_field: str = "answer",
+                 pad_to: int | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.answer_field = answer_field
+        self.pad_to = pad_to
 
     def __call__(self, records: Iterable[dict]) -> dict:
         records = list(records)
         return encode_qa(self.tokenizer, [r["question"] for r in records],
-                         [r[self.answer_field] for r in records], self.max_length)
+                         [r[self.answer_field] for r in records], self.max_length, pad_to=self.pad_to)
+
+
+# Model types whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit
+# soft-capping or scaling), so the head can be applied to chosen positions only.
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+
+
+@dataclass
+class AnswerLogits:
+    """The logits of the positions that predict answer tokens, packed: `logits` (tokens x vocabulary,
+    float32), `targets` (the answer token each row predicts), `rows` (its sequence in the batch) and
+    `num_rows` (sequences in the batch). Position t predicts token t + 1 (SPEC §1: answer tokens
+    and the closing EOS only)."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+    num_rows: int
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean (rows x positions - 1): True where position t predicts an answer token (labels[t + 1])."""
+    return labels[:, 1:] != -100
+
+
+def pack_answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> AnswerLogits:
+    """`AnswerLogits` from the full (rows x positions x vocabulary) logits of a batch."""
+    mask = answer_positions(labels)
+    if not mask.any():
+        raise ValueError("the batch has no answer tokens (all labels are -100)")
+    return AnswerLogits(logits[:, :-1][mask].float(), labels[:, 1:][mask], mask.nonzero()[:, 0], labels.shape[0])
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_head(model) -> bool:
+    return getattr(_inner(model).config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+
+
+class FrozenTrunk:
+    """The transformer blocks below the lowest adapted (LoRA) block never change while the adapter
+    trains, and neither does what they compute for a given sequence. A `FrozenTrunk` computes the
+    hidden state that enters the lowest adapted block once per sequence and keeps it; every later
+    forward pass of that sequence (each epoch of fine-tuning, each step and each reference pass of
+    unlearning, with the adapter disabled or scaled) runs only the blocks above. With the adapter on
+    the top 10 of SmolLM2's 30 blocks, a CPU training step takes ~0.6x the time
+    (`benchmarks/training.py`). Exact up to float rounding (the kept states were computed in another
+    batch); the tests compare it with the plain forward.
+
+    It switches itself off (plain forward passes) when the adapter reaches the lowest block, when
+    something outside the blocks is trained, or for a model type outside `PLAIN_HEAD_MODEL_TYPES`.
+    The kept states belong to one set of frozen weights: make a new trunk for another model."""
+
+    def __init__(self, model):
+        import re
+
+        self.model = model
+        inner = _inner(model)
+        self.decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+        layers = [int(m.group(1)) if (m := re.search(r"\.layers\.(\d+)\.", name)) else None
+                  for name, p in model.named_parameters() if p.requires_grad]
+        self.first = min(layers) if layers and None not in layers else 0
+        self.norm_name = next((n for n in ("norm", "final_layernorm") if hasattr(self.decoder, n)), None)
+        self.enabled = (_plain_head(model) and self.first > 0 and self.norm_name is not None
+                        and isinstance(getattr(self.decoder, "layers", None), torch.nn.ModuleList))
+        self._states: dict[tuple[int, ...], tuple[int | None, torch.Tensor]] = {}  # row -> (pad id, states)
+
+    @contextlib.contextmanager
+    def _blocks(self, blocks, norm):
+        layers, final = self.decoder.layers, getattr(self.decoder, self.norm_name)
+        self.decoder.layers = torch.nn.ModuleList(blocks)
+        setattr(self.decoder, self.norm_name, norm)
+        try:
+            yield
+        finally:
+            self.decoder.layers = layers
+            setattr(self.decoder, self.norm_name, final)
+
+    def _fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[tuple[int, ...]]) -> None:
+        """Compute the kept states of the rows that lack them, or lack the padding positions this
+        batch has: a padding position's state depends on its row's tokens and on where it sits (its
+        query attends to the row's tokens; padding keys are masked), so it is kept per row too."""
+        width, pad = input_ids.shape[1], input_ids[attention_mask == 0]
+        pad_id = int(pad[0]) if pad.numel() else None
+        need = [i for i, r in enumerate(rows) if r not in self._states or self._states[r][1].shape[0] < width
+                or (pad_id is not None and self._states[r][0] not in (None, pad_id))]
+        if not need:
+            return
+        index = torch.tensor(need, device=input_ids.device)
+        with torch.no_grad(), self._blocks(list(self.decoder.layers[:self.first]), torch.nn.Identity()):
+            states = self.decoder(input_ids=input_ids[index], attention_mask=attention_mask[index]).last_hidden_state
+        for k, i in enumerate(need):
+            row_pad = pad_id if len(rows[i]) < width else None
+            self._states[rows[i]] = (row_pad, states[k].detach())
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state (after its final norm) for a right-padded batch, padding
+        positions included (their states are kept per row and position too)."""
+        if not self.enabled:
+            return self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        lengths = attention_mask.sum(dim=1).tolist()
+        if any(attention_mask[i, n:].any() or not attention_mask[i, :n].all() for i, n in enumerate(lengths)):
+            raise ValueError("FrozenTrunk takes right-padded batches (as encode_qa makes them)")
+        rows = [tuple(input_ids[i, :n].tolist()) for i, n in enumerate(lengths)]
+        self._fill(input_ids, attention_mask, rows)
+        width = input_ids.shape[1]
+        embeds = torch.stack([self._states[r][1][:width] for r in rows])
+        with self._blocks(list(self.decoder.layers[self.first:]), getattr(self.decoder, self.norm_name)):
+            return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """The model's logits on every position of `batch`, padding included (what
+        `model(**batch).logits` gives)."""
+        if not self.enabled:
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return _inner(self.model).get_output_embeddings()(self.hidden(batch["input_ids"], batch["attention_mask"]))
+
+
+def answer_logits(model, batch: dict, trunk: FrozenTrunk | None = None) -> AnswerLogits:
+    """The model's logits at the positions that predict answer tokens only (`AnswerLogits`).
+
+    For the model types in `PLAIN_HEAD_MODEL_TYPES` the output head runs on those positions alone:
+    on a QA batch that is ~40 % of the positions, and the head (576 x 49152 for SmolLM2) is a fifth
+    of a token's compute, so a CPU training step takes ~0.8x the time (`benchmarks/training.py`).
+    Other models run their usual forward (the same numbers, with the head on every position).
+    `trunk`: a `FrozenTrunk` of this model, to skip the frozen blocks below the adapter."""
+    labels = batch["labels"]
+    if not _plain_head(model):
+        return pack_answer_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                  labels)
+    mask = answer_positions(labels)
+    if not mask.any():
+        raise ValueError("the batch has no answer tokens (all labels are -100)")
+    inner = _inner(model)
+    if trunk is not None:
+        hidden = trunk.hidden(batch["input_ids"], batch["attention_mask"])
+    else:
+        hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = inner.get_output_embeddings()(hidden[:, :-1][mask])
+    return AnswerLogits(logits.float(), labels[:, 1:][mask], mask.nonzero()[:, 0], labels.shape[0])
+
+
+def answer_loss(model, batch: dict, trunk: FrozenTrunk | None = None) -> torch.Tensor:
+    """Token-mean NLL of the answer tokens of a batch: the same number as a Hugging Face model's
+    `.loss` on `encode_qa` labels, with the output head on answer positions only (`answer_logits`)."""
+    out = answer_logits(model, batch, trunk)
+    return torch.nn.functional.cross_entropy(out.logits, out.targets)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ __all__ = [
     "evaluate_split",
     "score_samples",
     "summarise",
+    "question_cells",
     "bounds_vs_n",
     "coverage_distributions",
     "coverage_simulation",
@@ -43,17 +44,26 @@ FIRST_MODELS = ("base", "target", "retain")
 # which models, which questions
 
 
-def list_models(results: str | Path, base_model: str) -> dict[str, str]:
-    """Every model of a results folder, by name: `base` (the profile's MODEL, no directory),
-    then each directory of `results/models/` that `load_model` can load (a saved adapter or a
-    full model): `target` and `retain` from notebook 02, then the unlearned models of later
-    notebooks in alphabetical order."""
-    models = {"base": str(base_model)}
+def list_models(results: str | Path, base_model: str) -> dict[str, dict]:
+    """Every model of a results folder, by name, as {seed: path}: `base` (the profile's MODEL, no
+    directory), then each directory of `results/models/` that `load_model` can load (a saved adapter
+    or a full model): `target` and `retain` from notebook 02, then the unlearned models of notebook 03
+    in alphabetical order, which hold one model per unlearning seed (`<name>/seed<k>/`). A model
+    without seeds maps to {None: path}: the same model for every seed."""
+    def loadable(path: Path) -> bool:
+        return path.is_dir() and ((path / META_FILE).exists() or (path / "config.json").exists())
+
+    models = {"base": {None: str(base_model)}}
     folder = Path(results) / "models"
-    found = sorted(p for p in folder.glob("*") if p.is_dir() and ((p / META_FILE).exists() or (p / "config.json").exists()))
     rank = {name: i for i, name in enumerate(FIRST_MODELS)}
-    for path in sorted(found, key=lambda p: (rank.get(p.name, len(rank)), p.name)):
-        models[path.name] = str(path)
+    for path in sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: (rank.get(p.name, len(rank)), p.name)):
+        if loadable(path):
+            models[path.name] = {None: str(path)}
+            continue
+        seeds = {int(s.name.removeprefix("seed")): str(s) for s in path.glob("seed*")
+                 if s.name.removeprefix("seed").isdigit() and loadable(s)}
+        if seeds:
+            models[path.name] = dict(sorted(seeds.items()))
     return models
 
 
@@ -174,6 +184,18 @@ def summarise(table: pd.DataFrame, leaks, *, mbin_threshold: float = 0.1,
     for k in [k for k in ks if k <= leaks.shape[1]]:
         summary[f"leak_at_{k}"] = float(bounds.leak_at_k(leaks, k))
     return summary
+
+
+def question_cells(table: pd.DataFrame, *, mbin_threshold: float = 0.1) -> pd.DataFrame:
+    """The per-question numbers of a `score_samples` table as statistics cells (`stats`): `question`
+    (its index), the scores and bounds, `leaks_within_n` (1 if any of the n samples leaks) and
+    `m_bin_above` (1 if M_bin exceeds `mbin_threshold`)."""
+    cells = table[["greedy_rouge_l", "greedy_leak", "mean_rouge_l", "max_rouge_l", "leak_rate", "m_bin", "m_mu",
+                   "m_sigma", "ed", "distinct_2"]].copy()
+    cells.insert(0, "question", np.arange(len(table)))
+    cells["leaks_within_n"] = (table["leaks"] > 0).astype(float)
+    cells["m_bin_above"] = (table["m_bin"] > mbin_threshold).astype(float)
+    return cells
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from probunlearn.utils import load_profile, results_dir
+from probunlearn.utils import describe_machine, load_profile, results_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parent
@@ -79,6 +79,7 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
     chosen = [nb for nb in todo if not only or any(nb.name.startswith(o) for o in only)]
     report: dict[str, dict] = {}
     previous_key = ""
+    print(f"machine: {describe_machine()}", flush=True)
     for i, nb in enumerate(todo, 1):
         parameters = parameters_for(nb, profile, results_root, figures_dir)
         key = run_key(nb, parameters, previous_key, code)

@@ -22,34 +22,45 @@ levels: a race between 256-token blocks weighted by their mass, then a race insi
 block, so a step needs 448 random numbers per row instead of one per vocabulary token (`_race`).
 
 Order of operations at each step (documented for `logits_processors`):
-1. the model's next-token logits for every active row, cast to float32 ("raw logits");
-2. each processor in turn, `scores = processor(input_ids, scores)`, as in transformers, where
-   `input_ids` are the rows' prompt (left-padded with the pad token) followed by the tokens
-   generated so far; a processor sees raw, unscaled logits, and only rows that have not yet
-   emitted EOS (so per-step statistics a processor keeps count real decoding steps only);
+1. the model's next-token logits for every distinct prefix still generating, cast to float32
+   ("raw logits");
+2. each processor in turn, as in transformers `scores = processor(input_ids, scores)`, where
+   `input_ids` are the prefixes' prompt (left-padded with the pad token) followed by the tokens
+   generated so far; a processor sees raw, unscaled logits, one row per distinct prefix that still
+   has answers. A *row-aware* processor (`row_aware = True`) is called
+   `processor(input_ids, scores, info)` with a `DecodingStep`: the step, how many answers each row
+   stands for (so its statistics count answers) and its own per-row state, which the sampler
+   carries along with the rows (`temperature.ConfidenceTemperature` keeps a running confidence
+   per answer this way);
 3. division by `temperature` (temperature 0: argmax, i.e. greedy decoding);
 4. top-p: the smallest set of most likely tokens whose probability reaches `top_p`
    (Holtzman et al. 2020); found with `topk` on 256 candidates, then 4096 for rows whose
    nucleus is larger, and a full sort only for rows whose nucleus is larger still;
-5. the two-level exponential race above.
+5. for each answer, the two-level exponential race above with its own random numbers.
 A processor that wants a row decoded greedily (e.g. adaptive temperature, SPEC §2) sets every other
 token to -inf: that survives steps 3-5 for any temperature and top-p.
 A `step_observer` (optional) is called after step 5 with the question and sample index of each
-row still generating, the step, the raw logits of step 1 and the chosen tokens; it must not change
-them (`temperature.evaluate_adaptive` uses it to see which answers a processor could change).
+answer still generating, the step, the raw logits of step 1 (one row per distinct prefix), the
+prefix row of each answer and the chosen tokens; it must not change them
+(`temperature.evaluate_adaptive` uses it to see which answers a processor could change).
 
 Decoding
 --------
-Each batch holds up to `batch_size` rows (question, sample). Its distinct prompts are run once
-(left-padded, so several questions share a forward pass) and the prompt's key/value cache is copied
-to its n rows; then all rows decode together, one token per step, with a key/value cache that is
-allocated once (no concatenation per step). Rows stop at EOS; finished rows leave the batch, so
-the batch shrinks instead of carrying padding. Weights run in the dtype they were loaded in
-(bfloat16 on a CPU with AMX/AVX512-BF16, see `models.default_dtype`); the sampling math is float32
-and float64.
+Each batch holds up to `batch_size` answers (question, sample). Its distinct prompts are run once
+(left-padded, so several questions share a forward pass). Then one token per step: the rows of
+the forward pass are the batch's *distinct prefixes*, not its answers. Answers whose prompt and
+tokens so far agree have the same next-token distribution, so it is computed once and each answer
+draws from it with its own random numbers; a prefix that two answers continue differently becomes
+two rows (the key/value cache row is copied). This is exact: only compute is shared, never a
+random number. It saves little on a base model, whose samples part after a few tokens, and most
+of the work on a fine-tuned model, which repeats a memorised answer in most samples
+(`benchmarks/README.md`). The key/value cache is allocated once (no concatenation per step);
+rows whose answers all ended are dropped once they are 1/16 of the batch. Weights run in the
+dtype they were loaded in (bfloat16 on a CPU with AMX/AVX512-BF16, see `models.default_dtype`);
+the sampling math is float32 and float64.
 
-What "independent of batch_size" means in bfloat16: the random numbers of every row and step are
-the same whatever the batching, so two runs differ only where the model's logits differ. In
+What "independent of batch_size" means in bfloat16: the random numbers of every answer and step
+are the same whatever the batching, so two runs differ only where the model's logits differ. In
 float32 the logits of a row change between batch shapes by ~1e-7 and answers are identical
 (the tests check this bit for bit on a tiny float32 model). In bfloat16, matrix kernels round
 differently for different batch shapes; when two candidates of the race are nearly tied, a
@@ -59,8 +70,11 @@ Every answer is still an exact sample of the model at that batch shape.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -70,11 +84,12 @@ from tqdm.auto import tqdm
 from probunlearn.models import encode_prompt, model_device
 
 __all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers", "greedy_and_sampled_answers",
-           "answer_texts", "row_keys", "race_noise", "next_token", "GREEDY"]
+           "answer_texts", "row_keys", "race_noise", "next_token", "DecodingStep", "cache_argument", "GREEDY"]
 
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# (question indices, sample indices, step, raw logits, chosen tokens) of the rows still generating
-StepObserver = Callable[[np.ndarray, np.ndarray, int, torch.Tensor, torch.Tensor], None]
+LogitsProcessor = Callable[..., torch.Tensor]
+# (question indices, sample indices, step, raw logits of the distinct prefixes, prefix row of each
+# answer, chosen tokens) of the answers still generating
+StepObserver = Callable[[np.ndarray, np.ndarray, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment (2**64 / golden ratio)
 _BLOCK = 256  # vocabulary block of the two-level cumulative sum
@@ -119,24 +134,42 @@ def race_noise(keys: np.ndarray, step: int, num_blocks: int) -> tuple[np.ndarray
 # one sampling step
 
 
-def _race(probs: torch.Tensor, keys: np.ndarray, step: int) -> torch.Tensor:
-    """Index drawn with probability probs[r, v] / probs[r].sum() for each row: the exponential
+def _race(probs: torch.Tensor, keys: np.ndarray, step: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Index drawn with probability probs[r, v] / probs[r].sum() for each answer: the exponential
     race (Gumbel-max trick), argmax_v probs[v] / E_v with E_v ~ Exp(1) i.i.d., in two levels.
     First a race between blocks of _BLOCK tokens, weighted by the block's mass, then a race
     between the tokens of the winning block: P(v) = (M_b / M) (p_v / M_b) = p_v / M. Two levels
-    need 448 random numbers per row and step instead of one per vocabulary token."""
-    rows, vocab = probs.shape
+    need 448 random numbers per answer and step instead of one per vocabulary token.
+    `rows[k]`: the row of `probs` that answer k (random stream `keys[k]`) draws from (default: row k);
+    answers with the same prefix share a row of probabilities, never their random numbers."""
+    num_rows, vocab = probs.shape
+    if rows is None:
+        rows = torch.arange(num_rows, device=probs.device)
     pad = (-vocab) % _BLOCK
     if pad:
         probs = torch.nn.functional.pad(probs, (0, pad))
-    blocks = probs.view(rows, -1, _BLOCK)
+    blocks = probs.view(num_rows, -1, _BLOCK)
     mass = blocks.sum(dim=2).double()  # rows x blocks
     if not torch.isfinite(mass).all() or not (mass.sum(dim=1) > 0).all():
         raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
     block_noise, token_noise = (torch.from_numpy(x).to(probs.device) for x in race_noise(keys, step, blocks.shape[1]))
-    block = (mass / block_noise).argmax(dim=1)
-    inside = blocks[torch.arange(rows, device=probs.device), block].double()
+    block = (mass[rows] / block_noise).argmax(dim=1)
+    inside = blocks[rows, block].double()
     return block * _BLOCK + (inside / token_noise).argmax(dim=1)
+
+
+def _draw(scores: torch.Tensor, rows: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float,
+          top_p: float) -> torch.Tensor:
+    """One token per answer k from softmax(scores[rows[k]] / temperature) truncated to the top-p
+    nucleus, with random stream keys[k]; the softmax and the nucleus are computed once per row used."""
+    used, local = torch.unique(rows, return_inverse=True)
+    scores = scores[used]
+    if temperature != 1.0:
+        scores = scores.float() / temperature
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
+    if top_p < 1.0:
+        probs = torch.where(probs >= _nucleus_floor(probs, top_p)[:, None], probs, 0.0)
+    return _race(probs, keys, step, local)
 
 
 def next_token(scores: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float = 1.0,
@@ -147,12 +180,8 @@ def next_token(scores: torch.Tensor, keys: np.ndarray, step: int, *, temperature
     is always computed in float32). temperature == 0 returns the argmax (greedy)."""
     if temperature == 0:
         return scores.argmax(dim=-1)
-    if temperature != 1.0:
-        scores = scores.float() / temperature
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
-    if top_p < 1.0:
-        probs = torch.where(probs >= _nucleus_floor(probs, top_p)[:, None], probs, 0.0)
-    return _race(probs, keys, step)
+    return _draw(scores, torch.arange(scores.shape[0], device=scores.device), keys, step, temperature=temperature,
+                 top_p=top_p)
 
 
 def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -186,22 +215,27 @@ def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 # key/value cache allocated once per batch
 
 
-def _kv_cache(capacity: int):
-    """A transformers Cache whose layers write into buffers of `capacity` positions allocated on
-    the first update, instead of concatenating a new tensor at every step (which copies the whole
-    cache once per token)."""
+def _kv_cache(capacity: int, row_capacity: int = 0):
+    """A transformers Cache whose layers write into buffers of `capacity` positions (and room for
+    `row_capacity` rows) allocated on the first update, instead of concatenating a new tensor at
+    every step (which copies the whole cache once per token). Rows are the distinct prefixes being
+    decoded: `add_rows(parents)` appends copies of existing rows (a prefix that continues with
+    several different tokens), `keep_rows(keep)` compacts the buffer to the rows still needed."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
         def lazy_initialization(self, key_states, value_states):
             self.dtype, self.device = key_states.dtype, key_states.device
-            rows, heads, _, _ = key_states.shape
-            self._keys = key_states.new_empty(rows, heads, capacity, key_states.shape[-1])
-            self._values = value_states.new_empty(rows, heads, capacity, value_states.shape[-1])
-            self.length = 0
-            self.keys = self._keys[:, :, :0]
-            self.values = self._values[:, :, :0]
+            rows, heads, _, dim = key_states.shape
+            self._keys = key_states.new_empty(max(rows, row_capacity), heads, capacity, dim)
+            self._values = value_states.new_empty(max(rows, row_capacity), heads, capacity, value_states.shape[-1])
+            self.rows, self.length = rows, 0
+            self._views()
             self.is_initialized = True
+
+        def _views(self):
+            self.keys = self._keys[:self.rows, :, :self.length]
+            self.values = self._values[:self.rows, :, :self.length]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -209,30 +243,63 @@ def _kv_cache(capacity: int):
             end = self.length + key_states.shape[-2]
             if end > capacity:
                 raise RuntimeError(f"key/value cache of {capacity} positions is full")
-            self._keys[:, :, self.length:end] = key_states
-            self._values[:, :, self.length:end] = value_states
+            if key_states.shape[0] != self.rows:
+                raise RuntimeError(f"the cache holds {self.rows} rows but the model ran {key_states.shape[0]}")
+            self._keys[:self.rows, :, self.length:end] = key_states
+            self._values[:self.rows, :, self.length:end] = value_states
             self.length = end
-            self.keys = self._keys[:, :, :end]
-            self.values = self._values[:, :, :end]
+            self._views()
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
             return self.length if self.is_initialized else 0
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self.is_initialized:  # copy the filled positions of the selected rows only
+        def get_max_length(self) -> int:
+            return capacity
+
+        def add_rows(self, parents: torch.Tensor) -> None:
+            if not self.is_initialized:
+                return
+            need = self.rows + len(parents)
+            if need > self._keys.shape[0]:  # grow (rare: the room is sized for the batch)
                 for name in ("_keys", "_values"):
                     old = getattr(self, name)
-                    new = old.new_empty(len(indices), *old.shape[1:])
-                    new[:, :, :self.length] = old[indices, :, :self.length]
+                    new = old.new_empty(max(need, 2 * old.shape[0]), *old.shape[1:])
+                    new[:self.rows, :, :self.length] = old[:self.rows, :, :self.length]
                     setattr(self, name, new)
-                self.keys = self._keys[:, :, :self.length]
-                self.values = self._values[:, :, :self.length]
+            self._keys[self.rows:need, :, :self.length] = self._keys[parents, :, :self.length]
+            self._values[self.rows:need, :, :self.length] = self._values[parents, :, :self.length]
+            self.rows = need
+            self._views()
+
+        def keep_rows(self, keep: torch.Tensor) -> None:
+            if not self.is_initialized:
+                return
+            self._keys[:len(keep), :, :self.length] = self._keys[keep, :, :self.length]  # the index copies first
+            self._values[:len(keep), :, :self.length] = self._values[keep, :, :self.length]
+            self.rows = len(keep)
+            self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.keep_rows(indices)
 
         def crop(self, tokens_to_remove: int) -> None:  # pragma: no cover - not used here
             raise NotImplementedError
 
     return Cache(layer_class_to_replicate=PreallocatedLayer)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    """The name under which `model_class.forward` takes a key/value cache: `cache` since
+    transformers deprecated `past_key_values` (5.24, removal in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model, cache) -> dict:
+    """`{name: cache}` for a forward call of `model` (a transformers or peft model)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_keyword(type(inner)): cache}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,16 +315,47 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+@dataclass
+class DecodingStep:
+    """What a row-aware logits processor (`row_aware = True`) is told at each decoding step, besides
+    `input_ids` and `scores`: the processor is called `processor(input_ids, scores, info)`.
+
+    - `step`: the decoding step (0: the first answer token);
+    - `weights`: how many answers each row stands for (rows are distinct prefixes; answers with the
+      same prefix are decoded once), so per-step statistics can count answers, not rows;
+    - `state`: the processor's own per-row state (a tensor, rows first; `initial_state(rows)` makes it
+      for the prompts), which it reads and replaces (`info.state = ...`). The sampler carries it with
+      the rows: a prefix that continues with two different tokens passes it to both, and a finished
+      answer drops it. State is therefore a function of the answer's own prefix, so answers never
+      depend on `batch_size` or on the other answers of the batch."""
+
+    step: int
+    weights: torch.Tensor
+    state: torch.Tensor | None = None
+
+
+def _row_aware(processor) -> bool:
+    return bool(getattr(processor, "row_aware", False))
+
+
 @torch.inference_mode()
 def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], keys: np.ndarray,
             greedy_rows: np.ndarray, *,
             max_new_tokens: int, temperature: float, top_p: float,
             logits_processors: Sequence[LogitsProcessor], eos_ids: list[int], on_step=None,
             observer=None) -> list[list[int]]:
-    """Decode one batch. `prompts`: distinct prompt token ids; `row_prompt[r]`: which prompt row r
-    continues; `keys[r]`: the random stream of row r; `greedy_rows[r]`: row r takes the argmax;
-    `observer(rows, step, raw_logits, tokens)`: called at each step for the rows still generating.
-    Returns the generated token ids of each row, EOS excluded."""
+    """Decode one batch of answers. `prompts`: distinct prompt token ids; `row_prompt[a]`: which
+    prompt answer a continues; `keys[a]`: its random stream; `greedy_rows[a]`: answer a takes the
+    argmax; `observer(answers, step, raw_logits, rows, tokens)`: called at each step with the
+    answers still generating (indices into this batch), the raw logits of the distinct prefixes, the
+    prefix row of each answer and the chosen tokens. Returns the generated ids of each answer, EOS
+    excluded.
+
+    Rows of the model's forward pass are the distinct prefixes, not the answers: answers whose
+    prompt and tokens so far agree have the same next-token distribution, so it is computed once and
+    each of them draws from it with its own random numbers (exact: nothing but compute is shared).
+    A fine-tuned model that has memorised an answer repeats it in most samples, so this saves most
+    of the work there."""
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     width = max(len(p) for p in prompts)
@@ -268,79 +366,118 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
         prompt_mask[i, width - len(ids):] = 1
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-    cache = _kv_cache(width + max_new_tokens)
+    answers = len(row_prompt)
+    cache = _kv_cache(width + max_new_tokens, row_capacity=len(prompts) + answers)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    select = torch.tensor(row_prompt, device=device)
-    cache.batch_select_indices(select)  # copy each prompt's keys and values to its rows
-    logits = out.logits[select, -1]
-    rows = len(row_prompt)
-    alive = torch.arange(rows, device=device)  # original row index of each active row
-    mask = torch.ones((rows, width + max_new_tokens), dtype=torch.long, device=device)
-    mask[:, :width] = prompt_mask[select]
-    next_pos = positions[select, -1] + 1
-    generated = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
-    lengths = np.zeros(rows, dtype=np.int64)
-    sequences = None
-    if logits_processors:
-        sequences = torch.full((rows, width + max_new_tokens), pad_id, dtype=torch.long, device=device)
-        sequences[:, :width] = prompt_ids[select]
-    eos = torch.tensor(eos_ids, device=device)
-    greedy_rows = torch.from_numpy(np.asarray(greedy_rows, dtype=bool) | (temperature == 0))
+                use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
+    logits = out.logits[:, -1]
 
-    done = torch.zeros(rows, dtype=torch.bool, device=device)  # finished rows still in the batch
+    # rows ("slots") of the forward pass: distinct prefixes; slot s continues prompt slot_prompt[s]
+    slot_prompt = torch.arange(len(prompts), device=device)
+    slot_pos = positions[:, -1] + 1
+    sequences = None  # prompt + tokens of each slot, for the processors
+    if logits_processors:
+        sequences = torch.full((len(prompts), width + max_new_tokens), pad_id, dtype=torch.long, device=device)
+        sequences[:, :width] = prompt_ids
+    states = {k: p.initial_state(len(prompts), device) for k, p in enumerate(logits_processors)
+              if _row_aware(p) and hasattr(p, "initial_state")}
+    # answers still generating: their index in the batch and their slot
+    answer_index = torch.arange(answers)
+    answer_slot = torch.tensor(row_prompt, device=device)
+    greedy = torch.from_numpy(np.asarray(greedy_rows, dtype=bool) | (temperature == 0))
+    generated = torch.full((answers, max_new_tokens), pad_id, dtype=torch.long)
+    lengths = np.zeros(answers, dtype=np.int64)
+    eos = torch.tensor(eos_ids, device=device)
+
     for step in range(max_new_tokens):
         scores = logits
-        if logits_processors:  # processors see the rows still generating, not finished ones
-            scores = scores.float()
-            live_rows = (~done).nonzero()[:, 0]
-            current, part = sequences[alive[live_rows], : width + step], scores[live_rows]
-            for processor in logits_processors:
-                part = processor(current, part)
-            scores = scores.index_copy(0, live_rows, part)
-        cpu_alive = alive.cpu()
-        greedy = greedy_rows[cpu_alive]
-        if greedy.all():
-            tokens = scores.argmax(dim=-1)
-        elif not greedy.any():
-            tokens = next_token(scores, keys[cpu_alive.numpy()], step, temperature=temperature, top_p=top_p)
-        else:
-            tokens = torch.empty(len(cpu_alive), dtype=torch.long, device=device)
-            tokens[greedy.to(device)] = scores[greedy.to(device)].argmax(dim=-1)
-            draw = (~greedy).nonzero()[:, 0]
-            tokens[draw.to(device)] = next_token(scores[draw.to(device)], keys[cpu_alive[draw].numpy()], step,
-                                                 temperature=temperature, top_p=top_p)
+        if logits_processors:  # processors see the slots that still have answers, not finished ones
+            weights = torch.bincount(answer_slot, minlength=logits.shape[0])
+            live = (weights > 0).nonzero()[:, 0]
+            scores = logits.float()
+            current, part = sequences[live, : width + step], scores[live]
+            info = DecodingStep(step=step, weights=weights[live])
+            for k, processor in enumerate(logits_processors):
+                if not _row_aware(processor):
+                    part = processor(current, part)
+                    continue
+                info.state = states[k][live] if k in states else None
+                part = processor(current, part, info)
+                if k in states:
+                    states[k][live] = info.state
+            scores = scores.index_copy(0, live, part)
+        is_greedy = greedy[answer_index].to(device)
+        tokens = torch.empty(len(answer_index), dtype=torch.long, device=device)
+        if is_greedy.any():
+            tokens[is_greedy] = scores.argmax(dim=-1)[answer_slot[is_greedy]]
+        if not is_greedy.all():
+            draw = ~is_greedy
+            tokens[draw] = _draw(scores, answer_slot[draw], keys[answer_index[draw.cpu()].numpy()], step,
+                                 temperature=temperature, top_p=top_p)
         if observer is not None:
-            live_rows = (~done).nonzero()[:, 0]
-            observer(cpu_alive[live_rows.cpu()].numpy(), step, logits[live_rows], tokens[live_rows])
-        finished = torch.isin(tokens, eos) & ~done
-        live = (~done).cpu()
-        generated[cpu_alive[live], step] = tokens.cpu()[live]
-        lengths[cpu_alive[live].numpy()] += 1
-        if sequences is not None:
-            sequences[alive, width + step] = tokens
+            observer(answer_index.numpy(), step, logits, answer_slot, tokens)
+        generated[answer_index, step] = tokens.cpu()
+        lengths[answer_index.numpy()] += 1
+        finished = torch.isin(tokens, eos)
         if on_step is not None:
             on_step(int(finished.sum()))
-        done |= finished
-        if step == max_new_tokens - 1 or done.all():
+        if step == max_new_tokens - 1 or finished.all():
             break
-        # Drop finished rows once they are 1/16 of the batch: each drop copies the cache, each
-        # finished row kept costs a row of compute per step; this bounds both.
-        if int(done.sum()) * 16 >= done.numel():
-            keep = (~done).nonzero()[:, 0]
-            cache.batch_select_indices(keep)
-            alive, tokens, next_pos, mask, done = alive[keep], tokens[keep], next_pos[keep], mask[keep], done[keep]
-        out = model(input_ids=tokens[:, None], attention_mask=mask[:, : width + step + 1],
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+        going = ~finished
+        answer_index, answer_slot, tokens = answer_index[going.cpu()], answer_slot[going], tokens[going]
+
+        # Regroup: each (slot, token) pair is a new prefix. The first child of a slot keeps its
+        # cache row; further children get copies appended; slots with no child stay as empty rows
+        # until they are 1/16 of the batch (each compaction copies the cache, each empty row costs
+        # a row of compute per step; this bounds both).
+        vocab = logits.shape[-1]
+        children, inverse = torch.unique(answer_slot * vocab + tokens, return_inverse=True)
+        parent, child_token = children // vocab, children % vocab
+        first = torch.ones(len(children), dtype=torch.bool, device=device)
+        first[1:] = parent[1:] != parent[:-1]
+        extra = (~first).nonzero()[:, 0]
+        slots = logits.shape[0]
+        child_slot = parent.clone()
+        child_slot[extra] = slots + torch.arange(len(extra), device=device)
+        if len(extra):
+            source = parent[extra]
+            for layer in cache.layers:
+                layer.add_rows(source)
+            slot_prompt, slot_pos = torch.cat([slot_prompt, slot_prompt[source]]), torch.cat([slot_pos, slot_pos[source]])
+            if sequences is not None:
+                sequences = torch.cat([sequences, sequences[source]])
+            states = {k: torch.cat([v, v[source]]) for k, v in states.items()}
+            slots += len(extra)
+        answer_slot = child_slot[inverse]
+        next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=device)
+        next_ids[child_slot] = child_token
+        if sequences is not None:
+            sequences[child_slot, width + step] = child_token
+        used = torch.zeros(slots, dtype=torch.bool, device=device)
+        used[child_slot] = True
+        if int((~used).sum()) * 16 >= slots:
+            keep = used.nonzero()[:, 0]
+            remap = torch.full((slots,), -1, dtype=torch.long, device=device)
+            remap[keep] = torch.arange(len(keep), device=device)
+            for layer in cache.layers:
+                layer.keep_rows(keep)
+            slot_prompt, slot_pos, next_ids = slot_prompt[keep], slot_pos[keep], next_ids[keep]
+            if sequences is not None:
+                sequences = sequences[keep]
+            states = {k: v[keep] for k, v in states.items()}
+            answer_slot = remap[answer_slot]
+        mask = torch.cat([prompt_mask[slot_prompt], torch.ones((len(slot_prompt), step + 1), dtype=torch.long,
+                                                                device=device)], dim=1)
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=slot_pos[:, None], use_cache=True,
+                    **cache_argument(model, cache))
         logits = out.logits[:, -1]
-        next_pos = next_pos + 1
+        slot_pos = slot_pos + 1
     if on_step is not None:
         on_step(None)
     results = []
     eos_set = set(eos_ids)
-    for r in range(rows):
-        ids = generated[r, : lengths[r]].tolist()
+    for a in range(answers):
+        ids = generated[a, : lengths[a]].tolist()
         if ids and ids[-1] in eos_set:
             ids = ids[:-1]
         results.append(ids)
@@ -389,8 +526,8 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
         if step_observer is not None:
             chunk_q, chunk_j = np.array([i for i, _ in chunk]), np.array([j for _, j in chunk])
 
-            def observer(local_rows, step, logits, tokens, chunk_q=chunk_q, chunk_j=chunk_j):
-                step_observer(chunk_q[local_rows], chunk_j[local_rows], step, logits, tokens)
+            def observer(local_rows, step, logits, rows, tokens, chunk_q=chunk_q, chunk_j=chunk_j):
+                step_observer(chunk_q[local_rows], chunk_j[local_rows], step, logits, rows, tokens)
         before = bar.n
         ids = _decode(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk], keys, greedy_rows,
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -1,21 +1,27 @@
 """Adaptive temperature scaling at sampling time ([P1] Scholten et al., ICLR 2025, §5; SPEC §2).
 
-[P1] pairs entropy optimisation (`unlearning.entropy_regulariser`: push the next-token entropy
+[P1] pairs entropy optimisation (`objectives.entropy_regulariser`: push the next-token entropy
 down on forget questions) with *adaptive temperature scaling*: where the model is confident, sample
-at a low temperature, so that the low-entropy forget answers are decoded as greedily as they are
-evaluated. The paper names the idea; its public code has no implementation, so this is our stated
-reading (SPEC §2):
+at a low temperature, so that the confident forget answers are decoded as greedily as they are
+evaluated. The paper names the idea; its public code has no implementation. Two readings, both
+offered, each with its source (SPEC §2):
 
-- at every decoding step, H_t = -Σ_v p_v log p_v of the model's next-token distribution (the raw
-  logits, temperature 1);
-- if H_t < h_τ, sample at `low_temperature` (default 0: the argmax), else at the normal temperature;
-- h_τ is the `quantile` (default 5 %) of the per-step entropies the same model shows when it
-  samples answers to *retain* questions (`calibrate_threshold`), so retain sampling is unchanged
-  in ≥ 95 % of its steps.
+(a) **Confidence rule** (`ConfidenceTemperature`), the reading of a third-party reimplementation
+    (the Leak@k evaluation code's `generate_with_adaptive_temperature`): at step t of an answer the
+    confidence c_t is the mean, over that answer's steps 1..t, of the top-token probability of the
+    raw next-token distribution; if c_t > c_T (default 0.9) the step is greedy, else sampled at T.
+    The state (the running mean) is per answer, carried by the sampler (`sampling.DecodingStep`).
+(b) **Entropy rule** (`AdaptiveTemperature`), our earlier reading: if the entropy H_t of the raw
+    next-token distribution is below h_τ, sample at `low_temperature` (default 0: greedy), else at
+    T; h_τ is the `quantile` (default 5 %) of the per-step entropies the same model shows when it
+    samples answers to *retain* questions (`calibrate_threshold`), so retain sampling is unchanged
+    in ≥ 95 % of its steps.
 
-`AdaptiveTemperature` is a logits processor for `sampling.sample_answers` (it sees raw logits,
-before the sampler divides by the temperature) and counts how often its low branch fires, so a
-notebook can report the rate on forget vs retain questions. Used by notebook 04.
+Both are logits processors for `sampling.sample_answers` (they see raw logits, before the sampler
+divides by the temperature; put them first) and count how often their low branch fires, weighted by
+the answers each decoded row stands for, so a notebook can report the rate on forget vs retain
+questions. `evaluate_adaptive` evaluates a model plainly and under each reading, re-decoding only
+the answers a reading could change. Used by notebook 04.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ import numpy as np
 import torch
 
 from probunlearn import bounds
-from probunlearn.sampling import answer_texts, sample_rows, sample_token_ids
+from probunlearn.sampling import DecodingStep, answer_texts, sample_rows, sample_token_ids
 
-__all__ = ["next_token_entropy", "EntropyRecorder", "AdaptiveTemperature", "calibrate_threshold",
-           "threshold_from_entropies", "StepTrace", "evaluate_adaptive"]
+__all__ = ["next_token_entropy", "EntropyRecorder", "AdaptiveTemperature", "ConfidenceTemperature",
+           "calibrate_threshold", "threshold_from_entropies", "StepTrace", "evaluate_adaptive", "READINGS"]
 
 
 def next_token_entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -39,15 +45,29 @@ def next_token_entropy(scores: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
 
 
+def top_probability(scores: torch.Tensor) -> torch.Tensor:
+    """Probability of the most likely token of softmax(scores) per row, in float32."""
+    return torch.softmax(scores.float(), dim=-1).max(dim=-1).values
+
+
+def _weights(info: DecodingStep | None, rows: int) -> np.ndarray:
+    """How many answers each row stands for (1 each when called outside the sampler)."""
+    return np.ones(rows, dtype=np.int64) if info is None else info.weights.cpu().numpy()
+
+
 class EntropyRecorder:
-    """A logits processor that changes nothing and records the next-token entropy of every row at
-    every step (`entropies`, a 1-D array). The sampler passes only rows still generating."""
+    """A logits processor that changes nothing and records the next-token entropy of every answer at
+    every step (`entropies`, a 1-D array). The sampler passes only rows still generating; a row
+    that stands for several answers (a shared prefix) is recorded once per answer."""
+
+    row_aware = True
 
     def __init__(self):
         self._chunks: list[np.ndarray] = []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._chunks.append(next_token_entropy(scores).cpu().numpy())
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, info: DecodingStep | None = None) -> torch.Tensor:
+        entropies = next_token_entropy(scores).cpu().numpy()
+        self._chunks.append(np.repeat(entropies, _weights(info, len(entropies))))
         return scores
 
     @property
@@ -55,19 +75,22 @@ class EntropyRecorder:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.float32)
 
 
-class AdaptiveTemperature:
-    """Logits processor: rows whose next-token entropy is below `threshold` (h_τ) are sampled at
-    `low_temperature` instead of the sampler's `temperature`.
+class _TwoBranchTemperature:
+    """What both readings share: where `_low(scores, info)` is True the row is decoded at
+    `low_temperature` (0: greedy) instead of the sampler's `temperature`, and the answers in the low
+    branch are counted. The sampler divides what this returns by `temperature`, so a low row's
+    logits are multiplied by temperature / low_temperature (net effect: logits / low_temperature);
+    low_temperature = 0 keeps only the most likely token(s), i.e. greedy decoding, whatever the
+    sampler's temperature and top-p. `fired` / `steps` count answers in the low branch / all answers
+    seen, one per step; `fire_rate` is their ratio; `reset()` zeroes them (one processor per split
+    gives per-split rates)."""
 
-    The sampler divides what this returns by `temperature`, so a low row's logits are multiplied
-    by temperature / low_temperature (net effect: logits / low_temperature); low_temperature = 0
-    keeps only the most likely token(s), i.e. greedy decoding, whatever the sampler's temperature
-    and top-p. `fired` / `steps` count low rows / all rows seen; `fire_rate` is their ratio;
-    `reset()` zeroes them (one processor per split gives per-split rates)."""
+    row_aware = True
+    reading = ""
 
     def __init__(self, threshold: float, *, low_temperature: float = 0.0, temperature: float = 1.0):
         if not np.isfinite(threshold):
-            raise ValueError(f"threshold h_tau must be a finite entropy in nats, got {threshold!r}")
+            raise ValueError(f"the threshold of {type(self).__name__} must be a finite number, got {threshold!r}")
         if low_temperature < 0 or (low_temperature > 0 and temperature <= 0):
             raise ValueError(f"low_temperature must be >= 0 (0: greedy) and temperature > 0 when it is not; "
                              f"got low_temperature={low_temperature!r}, temperature={temperature!r}")
@@ -83,10 +106,18 @@ class AdaptiveTemperature:
     def fire_rate(self) -> float:
         return self.fired / self.steps if self.steps else float("nan")
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        low = next_token_entropy(scores) < self.threshold
-        self.fired += int(low.sum())
-        self.steps += int(low.numel())
+    def _low(self, scores: torch.Tensor, info: DecodingStep | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fires_in(self, trace: "StepTrace") -> np.ndarray:
+        """Per step recorded by `trace` (a plain sampling pass): would the low branch fire there?"""
+        raise NotImplementedError
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, info: DecodingStep | None = None) -> torch.Tensor:
+        low = self._low(scores, info)
+        weights = _weights(info, len(low))
+        self.fired += int(weights[low.cpu().numpy()].sum())
+        self.steps += int(weights.sum())
         if not low.any():
             return scores
         scores = scores.clone()
@@ -97,6 +128,56 @@ class AdaptiveTemperature:
             rows = rows * (self.temperature / self.low_temperature)
         scores[low] = rows
         return scores
+
+
+class AdaptiveTemperature(_TwoBranchTemperature):
+    """The entropy reading (b) of SPEC §2: rows whose next-token entropy is below `threshold` (h_τ,
+    from `calibrate_threshold`) are sampled at `low_temperature` instead of the sampler's
+    `temperature`. Our earlier reading of [P1] §5; no per-answer state."""
+
+    reading = "entropy"
+
+    def _low(self, scores, info):
+        return next_token_entropy(scores) < self.threshold
+
+    def fires_in(self, trace):
+        return trace.entropies < self.threshold
+
+
+class ConfidenceTemperature(_TwoBranchTemperature):
+    """The confidence reading (a) of SPEC §2, from a third-party reimplementation of [P1]'s adaptive
+    temperature (the Leak@k evaluation code, `generate_with_adaptive_temperature`, c_T = 0.9): at
+    step t of an answer, c_t = mean over the answer's steps 1..t of the top-token probability of the
+    raw logits; if c_t > `threshold` the step is decoded greedily (`low_temperature` 0), else sampled
+    at `temperature`. threshold 0: every step greedy; threshold 1: plain sampling (c_t ≤ 1).
+
+    The running mean is per-answer state (`initial_state`, `sampling.DecodingStep`): the sampler
+    carries it with each answer's prefix, so an answer never depends on `batch_size` or on the
+    other answers. Use as `sample_answers(..., logits_processors=[ConfidenceTemperature()])`."""
+
+    reading = "confidence"
+
+    def __init__(self, threshold: float = 0.9, *, low_temperature: float = 0.0, temperature: float = 1.0):
+        super().__init__(threshold, low_temperature=low_temperature, temperature=temperature)
+
+    @staticmethod
+    def initial_state(rows: int, device) -> torch.Tensor:
+        """(sum of the top-token probabilities so far, steps so far) per row: zeros at the prompt."""
+        return torch.zeros((rows, 2), dtype=torch.float64, device=device)
+
+    def _low(self, scores, info):
+        top = top_probability(scores).double()
+        state = info.state if info is not None and info.state is not None else self.initial_state(len(top), top.device)
+        state = state + torch.stack([top, torch.ones_like(top)], dim=1)
+        if info is not None:
+            info.state = state
+        return state[:, 0] / state[:, 1] > self.threshold
+
+    def fires_in(self, trace):
+        return trace.running_confidence() > self.threshold
+
+
+READINGS = {"entropy": AdaptiveTemperature, "confidence": ConfidenceTemperature}
 
 
 def calibrate_threshold(model, tokenizer, retain_questions: Sequence[str], *, quantile: float = 0.05,
@@ -129,73 +210,102 @@ def threshold_from_entropies(entropies, quantile: float = 0.05) -> dict:
 
 class StepTrace:
     """A sampler step observer (`sampling.sample_token_ids(..., step_observer=...)`) that keeps, for
-    every decoded row (question i, sample j) and step, the next-token entropy of the raw logits and
-    whether the chosen token was their unique argmax. That is enough to know, for any h_τ, which
-    answers `AdaptiveTemperature` could change (`rows_to_redraw`) and how often it would fire on the
-    others (`low_steps`), without decoding them again. `entropies` lists every step's entropy in the
-    order an `EntropyRecorder` would."""
+    every decoded answer (question i, sample j) and step, the next-token entropy and top-token
+    probability of the raw logits and whether the chosen token was their unique argmax. That is
+    enough to know, for either reading of adaptive temperature, which answers it could change
+    (`rows_to_redraw`) and how often it would fire on the others (`low_steps`), without decoding
+    them again. `entropies` lists every step's entropy, one per answer and step."""
 
     def __init__(self):
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._parts: list[tuple[np.ndarray, ...]] = []
 
     def __call__(self, questions: np.ndarray, samples: np.ndarray, step: int, logits: torch.Tensor,
-                 tokens: torch.Tensor) -> None:
+                 rows: torch.Tensor, tokens: torch.Tensor) -> None:
         top = logits.float().topk(2, dim=-1)
-        unique_argmax = (tokens == top.indices[:, 0]) & (top.values[:, 0] > top.values[:, 1])
-        self._parts.append((np.asarray(questions), np.asarray(samples), next_token_entropy(logits).cpu().numpy(),
+        unique = top.values[:, 0] > top.values[:, 1]
+        unique_argmax = (tokens == top.indices[rows, 0]) & unique[rows]
+        self._parts.append((np.asarray(questions), np.asarray(samples), np.full(len(questions), step),
+                            next_token_entropy(logits)[rows].cpu().numpy(), top_probability(logits)[rows].cpu().numpy(),
                             unique_argmax.cpu().numpy()))
 
-    def _columns(self):
+    def _columns(self) -> tuple[np.ndarray, ...]:
         if not self._parts:
-            return (np.zeros(0, dtype=int), np.zeros(0, dtype=int), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool))
+            return (np.zeros(0, dtype=int), np.zeros(0, dtype=int), np.zeros(0, dtype=int), np.zeros(0, dtype=np.float32),
+                    np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool))
         return tuple(np.concatenate(column) for column in zip(*self._parts))
 
     @property
     def entropies(self) -> np.ndarray:
-        return self._columns()[2]
+        return self._columns()[3]
 
-    def rows_to_redraw(self, threshold: float, low_temperature: float = 0.0) -> list[tuple[int, int]]:
-        """Sampled rows (i, j >= 0), sorted, that `AdaptiveTemperature(threshold, low_temperature)`
-        could decode differently: a step below `threshold` at which the chosen token was not the
-        unique argmax (low_temperature 0), or any step below it (low_temperature > 0, where the
-        low branch reshapes the distribution). Every other row takes the same tokens under it,
-        because the sampler's random stream of a row does not depend on the processors."""
-        questions, samples, entropies, unique_argmax = self._columns()
-        risky = (entropies < threshold) & ((low_temperature > 0) | ~unique_argmax) & (samples >= 0)
+    def running_confidence(self) -> np.ndarray:
+        """Per recorded step, the mean top-token probability over the answer's steps so far (the c_t of
+        `ConfidenceTemperature`), in the order of `entropies`."""
+        questions, samples, steps, _, top, _ = self._columns()
+        order = np.lexsort((steps, samples, questions))
+        key = np.stack([questions[order], samples[order]], axis=1)
+        start = np.ones(len(order), dtype=bool)
+        start[1:] = (key[1:] != key[:-1]).any(axis=1)
+        group = np.cumsum(start) - 1
+        sums = np.cumsum(top[order].astype(float))
+        offsets = np.concatenate([[0.0], sums])[np.flatnonzero(start)][group]
+        counts = np.arange(len(order)) - np.flatnonzero(start)[group] + 1
+        confidence = np.empty(len(order))
+        confidence[order] = (sums - offsets) / counts
+        return confidence
+
+    def rows_to_redraw(self, processor, low_temperature: float | None = None) -> list[tuple[int, int]]:
+        """Sampled answers (i, j >= 0), sorted, that `processor` (either reading) could decode
+        differently: a step where it fires and the chosen token was not the unique argmax (low
+        temperature 0), or any step where it fires (low temperature > 0, where the low branch
+        reshapes the distribution). Before that step the answer's prefix is the one recorded, so the
+        processor's decisions there are the recorded ones; every other answer takes the same tokens
+        under it, because the sampler's random stream of an answer does not depend on the processors.
+        A number for `processor` means `AdaptiveTemperature(processor, low_temperature=...)`."""
+        if not isinstance(processor, _TwoBranchTemperature):
+            processor = AdaptiveTemperature(processor, low_temperature=low_temperature or 0.0)
+        questions, samples, _, _, _, unique_argmax = self._columns()
+        risky = processor.fires_in(self) & ((processor.low_temperature > 0) | ~unique_argmax) & (samples >= 0)
         return sorted({(int(i), int(j)) for i, j in zip(questions[risky], samples[risky])})
 
-    def low_steps(self, threshold: float, skip=()) -> tuple[int, int]:
-        """(steps below `threshold`, all steps) over the rows not in `skip`."""
-        questions, samples, entropies, _ = self._columns()
+    def low_steps(self, processor, skip=()) -> tuple[int, int]:
+        """(steps where `processor` fires, all steps) over the answers not in `skip`. A number for
+        `processor` means `AdaptiveTemperature(processor)`."""
+        if not isinstance(processor, _TwoBranchTemperature):
+            processor = AdaptiveTemperature(processor)
+        questions, samples, *_ = self._columns()
         skip = set(skip)
         keep = np.array([(int(i), int(j)) not in skip for i, j in zip(questions, samples)], dtype=bool)
-        return int((entropies[keep] < threshold).sum()), int(keep.sum())
+        return int((processor.fires_in(self)[keep]).sum()), int(keep.sum())
 
 
-def evaluate_adaptive(model, tokenizer, splits, *, calibrate_on: str = "retain", quantile: float = 0.05,
+def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("entropy", "confidence"),
+                      calibrate_on: str = "retain", quantile: float = 0.05, confidence_threshold: float = 0.9,
                       low_temperature: float = 0.0, temperature: float = 1.0, num_samples: int, max_new_tokens: int,
                       top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5, lam: float = bounds.LAM,
                       seed: int = 0, batch_size: int | None = None, progress: bool = True, replay: bool = True) -> dict:
-    """`probabilistic.evaluate_model` of one model twice, per split: plain sampling (recording the
-    next-token entropy of every step), then with `AdaptiveTemperature`, h_τ calibrated as the
-    `quantile` of the entropies recorded on the `calibrate_on` split (SPEC §2). Both passes use
-    the same seed, so an answer differs only after the low branch has fired in it.
+    """`probabilistic.evaluate_model` of one model plainly and under each reading of adaptive
+    temperature (`READINGS`: "entropy", h_τ calibrated as the `quantile` of the entropies recorded
+    on the `calibrate_on` split; "confidence", c_T = `confidence_threshold`), per split (SPEC §2).
+    Every pass uses the same seed, so an answer differs only after the low branch has fired in it.
 
-    `replay=True` (default) decodes again only the answers the low branch could change
-    (`StepTrace.rows_to_redraw`: usually few, since it fires where the model is nearly certain)
-    and keeps the plain answer of every other row, which is the answer a full second pass gives;
-    the fire rates count the kept rows' steps from the plain pass. `replay=False` runs the full
-    second pass (the tests check that both agree). Caveat as in `sampling`: in bfloat16, a full
-    pass may differ on a few answers where the batch shape changes the rounding.
+    `replay=True` (default) decodes again only the answers a reading could change
+    (`StepTrace.rows_to_redraw`) and keeps the plain answer of every other one, which is the answer
+    a full second pass gives; the fire rates count the kept answers' steps from the plain pass.
+    `replay=False` runs full passes (the tests check that both agree). Caveat as in `sampling`: in
+    bfloat16, a full pass may differ on a few answers where the batch shape changes the rounding.
 
-    Returns {'plain': {split: (table, raw)}, 'adaptive': {split: (table, raw)}, 'threshold',
-    'quantile', 'fire_rate': {split: share of decoding steps in the low branch}, 'redrawn': {split:
-    share of sampled answers decoded again (1.0 without replay)}, 'entropies': {split: per-step
-    entropies of the plain pass}}. The statistics count every decoded row, the greedy row of each
-    question included (1 of n + 1); greedy answers are the same in both passes (the low branch
-    keeps the argmax)."""
+    Returns {'plain': {split: (table, raw)}, 'adaptive': {reading: {split: (table, raw)}},
+    'threshold': {reading: h_τ or c_T}, 'quantile', 'fire_rate': {reading: {split: share of decoding
+    steps in the low branch}}, 'redrawn': {reading: {split: share of sampled answers decoded again
+    (1.0 without replay)}}, 'entropies': {split: per-step entropies of the plain pass}}. The
+    statistics count every decoded answer, the greedy answer of each question included (1 of n + 1);
+    greedy answers are the same in every pass (the low branch keeps the argmax)."""
     from probunlearn.probabilistic import evaluate_model, score_samples
 
+    unknown = sorted(set(readings) - set(READINGS))
+    if unknown:
+        raise ValueError(f"unknown readings {unknown}; choose from {sorted(READINGS)}")
     if calibrate_on not in splits:
         raise ValueError(f"calibrate_on={calibrate_on!r} is not one of the splits {list(splits)}")
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
@@ -207,25 +317,29 @@ def evaluate_adaptive(model, tokenizer, splits, *, calibrate_on: str = "retain",
         plain[name] = evaluate_model(model, tokenizer, {name: dataset}, num_samples=num_samples, step_observer=traces[name],
                                      **sampling, **scoring)[name]
     entropies = {name: trace.entropies for name, trace in traces.items()}
-    calibration = threshold_from_entropies(entropies[calibrate_on], quantile)
-    threshold = calibration["threshold"]
+    thresholds = {"entropy": threshold_from_entropies(entropies[calibrate_on], quantile)["threshold"],
+                  "confidence": float(confidence_threshold)}
     adaptive, fire_rate, redrawn = {}, {}, {}
-    for name, dataset in splits.items():
-        processor = AdaptiveTemperature(threshold, low_temperature=low_temperature, temperature=temperature)
-        if not replay:
-            adaptive[name] = evaluate_model(model, tokenizer, {name: dataset}, num_samples=num_samples,
-                                            logits_processors=[processor], **sampling, **scoring)[name]
-            fire_rate[name], redrawn[name] = processor.fire_rate, 1.0
-            continue
-        table, raw = plain[name]
-        rows = traces[name].rows_to_redraw(threshold, low_temperature)
-        samples = [list(row) for row in raw["samples"]]
-        ids = sample_rows(model, tokenizer, list(dataset["question"]), rows, logits_processors=[processor], **sampling)
-        for (i, j), text in zip(rows, answer_texts(tokenizer, ids)):
-            samples[i][j] = text
-        adaptive[name] = score_samples(dataset, list(table["greedy"]), samples, **scoring)
-        fired, steps = traces[name].low_steps(threshold, skip=rows)
-        fire_rate[name] = (processor.fired + fired) / (processor.steps + steps) if processor.steps + steps else float("nan")
-        redrawn[name] = len(rows) / max(1, len(dataset) * num_samples)
-    return {"plain": plain, "adaptive": adaptive, "threshold": threshold, "quantile": quantile,
-            "fire_rate": fire_rate, "redrawn": redrawn, "entropies": entropies}
+    for reading in readings:
+        adaptive[reading], fire_rate[reading], redrawn[reading] = {}, {}, {}
+        for name, dataset in splits.items():
+            processor = READINGS[reading](thresholds[reading], low_temperature=low_temperature, temperature=temperature)
+            if not replay:
+                adaptive[reading][name] = evaluate_model(model, tokenizer, {name: dataset}, num_samples=num_samples,
+                                                         logits_processors=[processor], **sampling, **scoring)[name]
+                fire_rate[reading][name], redrawn[reading][name] = processor.fire_rate, 1.0
+                continue
+            table, raw = plain[name]
+            rows = traces[name].rows_to_redraw(processor)
+            samples = [list(row) for row in raw["samples"]]
+            ids = sample_rows(model, tokenizer, list(dataset["question"]), rows, logits_processors=[processor],
+                              **sampling)
+            for (i, j), text in zip(rows, answer_texts(tokenizer, ids)):
+                samples[i][j] = text
+            adaptive[reading][name] = score_samples(dataset, list(table["greedy"]), samples, **scoring)
+            fired, steps = traces[name].low_steps(processor, skip=rows)
+            total = processor.steps + steps
+            fire_rate[reading][name] = (processor.fired + fired) / total if total else float("nan")
+            redrawn[reading][name] = len(rows) / max(1, len(dataset) * num_samples)
+    return {"plain": plain, "adaptive": adaptive, "threshold": {r: thresholds[r] for r in readings},
+            "quantile": quantile, "fire_rate": fire_rate, "redrawn": redrawn, "entropies": entropies}

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn.models import (META_FILE, AnswerOnlyCollator, add_lora, load_model, model_device, save_adapter,
-                                training_attention)
+from probunlearn.models import (META_FILE, AnswerOnlyCollator, FrozenTrunk, add_lora, answer_loss, format_prompt,
+                                load_model, load_tokenizer, model_device, save_adapter, training_attention)
 from probunlearn.utils import load_json, save_json, set_seed
 
 
@@ -26,7 +26,9 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
                seed: int = 0, max_length: int | None = None, warmup_ratio: float = 0.05,
                weight_decay: float = 0.0, progress: bool = True, desc: str = "fine-tune") -> list[dict]:
     """Minimise the answer-only NLL of `dataset` over the trainable (LoRA) parameters of `model`.
-    AdamW with linear warm-up and decay. Returns the loss log: one dict per optimiser step."""
+    AdamW with linear warm-up and decay. Returns the loss log: one dict per optimiser step.
+    The blocks below the adapter run once per example (`models.FrozenTrunk`), the output head on
+    answer positions only (`models.answer_loss`)."""
     if not hasattr(model, "peft_config"):
         raise ValueError("train_lora trains a LoRA adapter and the model has none: wrap it with "
                          "probunlearn.models.add_lora first")
@@ -42,6 +44,7 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     device = model_device(model)
+    trunk = FrozenTrunk(model)
     model.train()
     log, step, start = [], 0, time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress)
@@ -49,7 +52,7 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
         for epoch in range(epochs):
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch, trunk)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
                 loss.backward()
@@ -76,8 +79,8 @@ def data_fingerprint(dataset) -> str:
 
 def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m", quantization: str | None = None,
              epochs: int = 10, learning_rate: float = 1e-3, batch_size: int = 16, lora_r: int = 32,
-             lora_alpha: int = 64, seed: int = 0, max_length: int | None = None, progress: bool = True,
-             desc: str = "fine-tune", reuse: bool = True):
+             lora_alpha: int = 64, lora_top_layers: int | None = None, seed: int = 0, max_length: int | None = None,
+             progress: bool = True, desc: str = "fine-tune", reuse: bool = True):
     """Load `base`, LoRA-fine-tune it on `dataset` and save the adapter to `out_dir` (which then
     loads with `probunlearn.models.load_model(out_dir)` in seconds). Returns `(model, tokenizer, log)`.
 
@@ -86,8 +89,9 @@ def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m",
     notebook resumes where it stopped.
     """
     settings = {"base": str(base), "quantization": quantization, "epochs": epochs, "learning_rate": learning_rate,
-                "batch_size": batch_size, "lora_r": lora_r, "lora_alpha": lora_alpha, "seed": seed,
-                "max_length": max_length, "data": data_fingerprint(dataset)}
+                "batch_size": batch_size, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_top_layers": lora_top_layers,
+                "seed": seed, "max_length": max_length, "prompt": format_prompt(load_tokenizer(base), "{question}"),
+                "data": data_fingerprint(dataset)}
     out_dir = Path(out_dir)
     if reuse and (out_dir / META_FILE).exists() and (out_dir / "train_log.json").exists():
         if load_json(out_dir / META_FILE).get("settings") == settings:
@@ -96,7 +100,7 @@ def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m",
             return model, tokenizer, load_json(out_dir / "train_log.json")
     set_seed(seed)
     model, tokenizer = load_model(base, quantization=quantization)
-    model = add_lora(model, r=lora_r, lora_alpha=lora_alpha)
+    model = add_lora(model, r=lora_r, lora_alpha=lora_alpha, top_layers=lora_top_layers)
     log = train_lora(model, tokenizer, dataset, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                      seed=seed, max_length=max_length, progress=progress, desc=desc)
     save_adapter(model, out_dir, base=base, extra={"settings": settings, "num_examples": len(dataset)})

@@ -81,6 +81,41 @@ def _to_builtin(x: Any) -> Any:
     raise TypeError(f"cannot serialise {type(x).__name__}")
 
 
+def machine() -> dict[str, Any]:
+    """What this machine is, for every reported time: CPU model, its vector extensions that matter
+    for matrix work (AVX2, AVX-512, AVX512-BF16, AMX), whether torch multiplies bfloat16 natively
+    (else the default dtype is float32, about 2x slower per step), threads, and the torch version."""
+    import platform
+
+    import torch
+
+    from probunlearn.models import cpu_has_bf16
+
+    flags, name = set(), platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:  # not Linux: the flags stay unknown
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": name, "features": [f for f in wanted if f in flags], "native_bf16": cpu_has_bf16(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def describe_machine(info: dict[str, Any] | None = None) -> str:
+    """One line naming the machine (`machine()`), as the reproduce engine and the benchmarks print it."""
+    info = info or machine()
+    kind = "AMX/AVX512-BF16: bfloat16" if info["native_bf16"] else "no native bf16 (AVX2 class): float32"
+    gpu = f", GPU {info['cuda']}" if info["cuda"] else ""
+    return (f"{info['cpu']} ({', '.join(info['features']) or 'no AVX2'}; {kind}), {info['threads']} threads, "
+            f"torch {info['torch']}{gpu}")
+
+
 def set_style() -> None:
     """The one plotting style of the project: seaborn, colour-blind palette, readable fonts."""
     import seaborn as sns
