@@ -1,5 +1,5 @@
-"""Notebook 03 (gradient-ascent baselines, early stopping, model mixing), run by papermill on the
-smoke profile; asserts on what it recorded."""
+"""Notebook 03 (gradient-ascent baselines, early stopping, model mixing, over seeds), run by papermill on
+the smoke profile; asserts on what it recorded."""
 
 import json
 
@@ -17,45 +17,62 @@ def summary(smoke_run):
     return json.loads((smoke_run["results"] / "unlearning" / "summary.json").read_text())
 
 
-def test_03_ran_every_method_with_the_same_budget(smoke_run, summary):
+def test_03_ran_every_method_and_seed_with_the_same_budget(smoke_run, summary):
     traces = json.loads((smoke_run["results"] / "unlearning" / "traces.json").read_text())
-    assert summary["methods"] == SMOKE["UNLEARN_METHODS"] == list(traces)
-    for method, run in traces.items():
+    assert summary["methods"] == SMOKE["UNLEARN_METHODS"] and summary["seeds"] == SMOKE["UNLEARN_SEEDS"]
+    assert sorted(traces) == sorted(f"{m}@seed{s}" for m in SMOKE["UNLEARN_METHODS"] for s in SMOKE["UNLEARN_SEEDS"])
+    for run in traces.values():
         assert [r["step"] for r in run["log"]] == list(range(1, SMOKE["UNLEARN_STEPS"] + 1))
         assert run["trace"][0]["step"] == 0 and run["trace"][-1]["step"] == SMOKE["UNLEARN_STEPS"]
-        assert run["trace"][0] == {"step": 0, **summary["target_trace"]}  # every method starts at the target
+        assert run["trace"][0] == {"step": 0, **summary["target_trace"]}  # every run starts at the target
         for key in ("forget_rouge_l_recall", "forget_keyword_hit", "retain_rouge_l_recall", "forget_nll", "retain_nll"):
             assert key in run["trace"][-1]
-    # gradient ascent pushes the forget answers away even in two smoke steps
-    assert traces["ga"]["trace"][-1]["forget_nll"] > summary["target_trace"]["forget_nll"]
+        assert len(run["trace"][-1]["forget_rouge_l_recall_per_question"]) == SMOKE["UNLEARN_EVAL_QUESTIONS"]
+    # gradient ascent pushes the forget answers away even in two smoke steps, for every seed
+    for seed in SMOKE["UNLEARN_SEEDS"]:
+        assert traces[f"ga@seed{seed}"]["trace"][-1]["forget_nll"] > summary["target_trace"]["forget_nll"]
+    # another seed is another run: another adapter initialisation and batch order
+    first, second = (traces[f"ga@seed{s}"]["log"][0]["loss"] for s in SMOKE["UNLEARN_SEEDS"][:2])
+    assert first != second
 
 
 def test_03_controls_report_their_choices(summary):
     assert summary["bar"] == pytest.approx(SMOKE["RHO"] * summary["target_score"])
     steps = {0, SMOKE["UNLEARN_STEPS"]}  # EVAL_EVERY 0 on smoke: checkpoints at the start and the end
-    for method in summary["methods"]:
-        stop, mix = summary["early_stopping"][method], summary["mixing"][method]
-        assert stop["step"] in steps and stop["met"]
-        assert stop[SMOKE["BAR_METRIC"]] >= summary["bar"]
-        assert 0.0 <= mix["lambda"] <= 1.0 and mix["met"] and mix["score"] >= summary["bar"]
+    assert len(summary["choices"]) == len(SMOKE["UNLEARN_METHODS"]) * len(SMOKE["UNLEARN_SEEDS"])
+    for choice in summary["choices"]:
+        assert choice["early_stopping_step"] in steps
+        assert 0.0 <= choice["mixing_lambda"] <= 1.0 and choice["mixed_" + SMOKE["BAR_METRIC"]] >= summary["bar"]
 
 
-def test_03_table_and_models(smoke_run, summary):
+def test_03_table_over_seeds_and_models(smoke_run, summary):
     results = smoke_run["results"]
     table = pd.read_csv(results / "unlearning" / "matched_utility.csv")
     assert len(table) == 2 + 3 * len(SMOKE["UNLEARN_METHODS"])  # references + 3 variants per method
     assert set(table["variant"]) == {"reference", "uncontrolled", "early stopped", "mixed"}
-    for column in ("forget_rouge_l_recall", "forget_keyword_hit", "retain_rouge_l_recall", "utility_accuracy",
-                   "forget_quality", "model_utility"):
+    controlled = table[table["variant"] != "reference"]
+    assert (controlled["seeds"] == len(SMOKE["UNLEARN_SEEDS"])).all()
+    for column in ("forget_rouge_l_recall", "forget_keyword_hit", "retain_rouge_l_recall", "utility_accuracy_seed0",
+                   "forget_quality_seed0", "model_utility_seed0"):
         assert table[column].between(0, 1).all(), column
+    assert (controlled["forget_rouge_l_recall_low"] <= controlled["forget_rouge_l_recall"] + 1e-9).all()
+    assert (controlled["forget_rouge_l_recall"] <= controlled["forget_rouge_l_recall_high"] + 1e-9).all()
+    # the table's means are the means of the per-question cells
+    cells = pd.read_csv(results / "unlearning" / "cells.csv")
+    ga = cells[(cells["method"] == "ga") & (cells["variant"] == "mixed") & (cells["split"] == "forget")]
+    assert len(ga) == SMOKE["UNLEARN_EVAL_QUESTIONS"] * len(SMOKE["UNLEARN_SEEDS"])
+    row = controlled[(controlled["method"] == "ga") & (controlled["variant"] == "mixed")].iloc[0]
+    assert row["forget_rouge_l_recall"] == pytest.approx(ga["rouge_l_recall"].mean())
     for name in SMOKE["SAVE_MODELS"]:
-        assert (results / "models" / name / "probunlearn.json").exists()
+        for seed in SMOKE["UNLEARN_SEEDS"]:
+            meta = json.loads((results / "models" / name / f"seed{seed}" / "probunlearn.json").read_text())
+            assert meta["seed"] == seed
     for method in SMOKE["UNLEARN_METHODS"]:
         for name in (method, f"{method}_es", f"{method}_mix"):
-            assert (results / summary["models"][name] / "adapter_model.safetensors").exists()
-    model, _ = load_model(results / summary["models"]["ga_mix"])  # loads as a plain model on the target
+            assert (results / summary["models"][f"{name}@seed0"] / "adapter_model.safetensors").exists()
+    model, _ = load_model(results / summary["models"]["ga_mix@seed0"])  # loads as a plain model on the target
     assert not hasattr(model, "peft_config")
-    for figure in ("03_unlearning_curves", "03_unlearning_nll", "03_mixing", "03_matched_utility"):
+    for figure in ("03_unlearning_curves", "03_unlearning_nll", "03_matched_utility"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 1000
     print(f"notebook 03 wall time: {summary['wall_seconds']:.0f} s (in-notebook), "
           f"{smoke_run['seconds']['03_ga_baselines']:.0f} s (papermill)")

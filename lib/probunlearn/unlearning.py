@@ -138,7 +138,7 @@ def checkpoint_restored(model, state: Mapping[str, torch.Tensor]):
 
 
 def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int, learning_rate: float,
-            batch_size: int, hparams: Mapping | None = None, eval_every: int = 0,
+            batch_size: int, hparams: Mapping | None = None, eval_every: int = 0, eval_at: Sequence[int] = (),
             evaluate: Callable | None = None, initial_evaluation: dict | None = None,
             regularisers: Sequence[Callable] = (), mismatch_per_prompt: int = 2, mismatch_pool=None,
             keep_checkpoints: bool = True, max_length: int | None = None, pad_to: int | None = None,
@@ -152,8 +152,9 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     `ga_mismatch` a batch of forget questions with `mismatch_per_prompt` random answers of other
     authors from `mismatch_pool` (default: `retain_set`).
     `evaluate(model) -> dict` runs before the first step (or `initial_evaluation` is used: the
-    step-0 model is the target, the same for every method), every `eval_every` steps and after
-    the last; each evaluation is a row of `trace`, and a copy of the adapter is kept with it.
+    step-0 model is the target, the same for every method), every `eval_every` steps, at the steps
+    listed in `eval_at`, and after the last; each evaluation is a row of `trace`, and a copy of the
+    adapter is kept with it.
     `regularisers`: callables `fn(out: StepOutputs) -> {name: tensor}` added to the loss (their
     `uses` and `full_logits` attributes name the batches they read and those they need the logits of
     every position of). `pad_to`: pad every batch to this many positions ([P1]'s code pads to 256;
@@ -237,7 +238,7 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
         run.log.append({"step": step, "loss": value, **{k: float(v.detach()) for k, v in terms.items()},
                         "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{value:.3f}")
-        if step == steps or (eval_every and step % eval_every == 0):
+        if step == steps or (eval_every and step % eval_every == 0) or step in eval_at:
             model.eval()
             checkpoint(step)
     bar.close()

@@ -1,0 +1,121 @@
+"""[P1]'s fix, measured: entropy optimisation and adaptive temperature against the same base methods,
+over seeds, with intervals and paired verdicts (SPEC §2, §6.2; notebook 04).
+
+[P1] Scholten, Günnemann, Schwinn, ICLR 2025, §5. What this module computes:
+
+- `leakage_point(model, ...)`: one point of the unlearning dynamics: greedy forget and retain
+  ROUGE-L, and the forget set's sampled leakage (mean M_bin, leak rate), in one decoding pass;
+- `reading_cells(evaluated)`: the per-question cells of a model sampled plainly and under each
+  reading of adaptive temperature (`temperature.evaluate_adaptive`), for `stats`;
+- `variant_table(cells)`: per method, condition and variant, the means with 95 % intervals;
+- `verdict_table(cells)`: each variant against its method's baseline on the same (seed, question)
+  cells of forget M_bin: "lower", "not lower" or "inconclusive" (`stats.paired_verdict`).
+
+Variants (the rows of the headline): the base method (`baseline`), with adaptive temperature in
+each reading (`+ AT (entropy)`, `+ AT (confidence)`), with entropy optimisation (`+ entropy`), and
+with both (`+ entropy + AT (...)`). Conditions: `uncontrolled` (the same unlearning budget for every
+variant, what [P1] reports) and `matched utility` (each model mixed to the same utility bar, what
+[P2] asks).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from probunlearn import bounds
+from probunlearn.metrics import is_leak, keyword_hit, rouge_l_recall
+from probunlearn.probabilistic import question_cells
+from probunlearn.sampling import GREEDY, answer_texts, sample_rows
+from probunlearn.stats import paired_verdict, summarise_cells
+
+__all__ = ["leakage_point", "reading_cells", "variant_name", "variant_table", "verdict_table", "MODES"]
+
+MODES = ("plain", "entropy", "confidence")  # sampling: plain, or adaptive temperature in either reading
+
+
+def leakage_point(model, tokenizer, forget_set, retain_set, *, num_samples: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5,
+                  seed: int = 0, batch_size: int | None = None) -> dict:
+    """The numbers of one point of the unlearning dynamics, from one decoding pass: greedy answers to
+    every question of both sets and `num_samples` sampled answers to each forget question.
+    Returns `forget_rouge_l_recall`, `forget_keyword_hit`, `retain_rouge_l_recall` (greedy, means),
+    `forget_m_bin` (mean over forget questions of M_bin, SPEC §5), `forget_leak_rate` (share of
+    leaking samples) and `forget_greedy_leak`; usable as `unlearn(..., evaluate=...)`."""
+    forget, retain = list(forget_set), list(retain_set)
+    questions = [r["question"] for r in forget + retain]
+    rows = [(i, GREEDY) for i in range(len(questions))] + [(i, j) for i in range(len(forget)) for j in range(num_samples)]
+    ids = sample_rows(model, tokenizer, questions, rows, temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=False)
+    texts = dict(zip(rows, answer_texts(tokenizer, ids)))
+    greedy = [texts[i, GREEDY] for i in range(len(questions))]
+    leaks = np.array([[is_leak(texts[i, j], r["answer"], r["keywords"], leak_tau) for j in range(num_samples)]
+                      for i, r in enumerate(forget)])
+    return {
+        "forget_rouge_l_recall": float(np.mean([rouge_l_recall(g, r["answer"]) for g, r in zip(greedy, forget)])),
+        "forget_keyword_hit": float(np.mean([keyword_hit(g, r["keywords"]) for g, r in zip(greedy, forget)])),
+        "retain_rouge_l_recall": float(np.mean([rouge_l_recall(g, r["answer"])
+                                                for g, r in zip(greedy[len(forget):], retain)])),
+        "forget_greedy_leak": float(np.mean([is_leak(g, r["answer"], r["keywords"], leak_tau)
+                                             for g, r in zip(greedy, forget)])),
+        "forget_m_bin": float(np.mean(bounds.binary_leak_upper(leaks, alpha))),
+        "forget_leak_rate": float(leaks.mean()),
+    }
+
+
+def variant_name(entropy: bool, mode: str) -> str:
+    """"baseline", "+ AT (entropy)", "+ entropy", "+ entropy + AT (confidence)", ..."""
+    parts = (["+ entropy"] if entropy else []) + ([f"+ AT ({mode})"] if mode != "plain" else [])
+    return " ".join(parts) or "baseline"
+
+
+def reading_cells(evaluated: Mapping, *, mbin_threshold: float = 0.1) -> pd.DataFrame:
+    """One row per (mode, split, question) of an `evaluate_adaptive` result: `question_cells` plus
+    `mode` ("plain" or the reading), `fire_rate` and `redrawn` of that mode on that split, and
+    `h_tau` (the threshold of the mode: h_τ for the entropy reading, c_T for the confidence one)."""
+    frames = []
+    for mode in ("plain", *evaluated["adaptive"]):
+        by_split = evaluated["plain"] if mode == "plain" else evaluated["adaptive"][mode]
+        for split, (table, _) in by_split.items():
+            cells = question_cells(table, mbin_threshold=mbin_threshold).assign(mode=mode, split=split)
+            cells["fire_rate"] = 0.0 if mode == "plain" else evaluated["fire_rate"][mode][split]
+            cells["redrawn"] = 0.0 if mode == "plain" else evaluated["redrawn"][mode][split]
+            cells["threshold"] = np.nan if mode == "plain" else evaluated["threshold"][mode]
+            frames.append(cells)
+    return pd.concat(frames, ignore_index=True)
+
+
+def variant_table(cells: pd.DataFrame, metrics: Sequence[str] = ("m_bin", "greedy_rouge_l", "mean_rouge_l", "ed",
+                                                                  "leak_rate", "distinct_2", "fire_rate")) -> pd.DataFrame:
+    """Per (condition, method, variant): every metric on the forget split (`forget_<metric>`, with
+    `_low` / `_high`: its 95 % interval over (seed, question) cells) and on the retain split
+    (`retain_<metric>`), and `seeds`. `cells` has the columns of `reading_cells` plus `condition`,
+    `method`, `variant` and `seed`."""
+    summary = summarise_cells(cells, by=["condition", "method", "variant", "split"], metrics=list(metrics))
+    frames = []
+    for split in ("forget", "retain"):
+        part = summary[summary["split"] == split].drop(columns=["split", "cells"])
+        part = part.rename(columns={c: f"{split}_{c}" for c in part.columns
+                                    if c not in ("condition", "method", "variant", "seeds")})
+        frames.append(part.set_index(["condition", "method", "variant", "seeds"]))
+    return frames[0].join(frames[1]).reset_index()
+
+
+def verdict_table(cells: pd.DataFrame, metric: str = "m_bin", baseline: str = "baseline") -> pd.DataFrame:
+    """Each variant of each (condition, method) against its `baseline` on the same (seed, question)
+    cells of the forget split: the paired mean difference of `metric` (variant − baseline), its 95 %
+    interval, the Wilcoxon p-value and the verdict ("lower": the variant leaks less)."""
+    forget = cells[cells["split"] == "forget"]
+    rows = []
+    for (condition, method), group in forget.groupby(["condition", "method"], sort=False):
+        reference = group[group["variant"] == baseline].set_index(["seed", "question"])[metric]
+        for variant, part in group.groupby("variant", sort=False):
+            if variant == baseline:
+                continue
+            values = part.set_index(["seed", "question"])[metric].reindex(reference.index)
+            verdict = paired_verdict(reference.to_numpy(), values.to_numpy())
+            rows.append({"condition": condition, "method": method, "variant": variant, "metric": f"forget_{metric}",
+                         "seeds": int(part["seed"].nunique()), **verdict})
+    return pd.DataFrame(rows)
