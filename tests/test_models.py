@@ -142,6 +142,37 @@ def test_training_attention_is_eager_inside_and_gives_the_same_loss_and_gradient
     torch.testing.assert_close(eager[1], fused[1], rtol=1e-3, atol=1e-5)
 
 
+def test_onednn_linear_computes_the_float32_product_forward_and_backward():
+    """`models.OneDNNLinear`: the same numbers as nn.Linear (to rounding), the input's gradient through a
+    frozen weight, the default path for a trained weight, a fresh pack after the weight changes."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 80)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = models.OneDNNLinear
+    x = torch.randn(3, 7, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    for module in (plain, fast):
+        module.weight.requires_grad_(False)
+        module.bias.requires_grad_(False)
+    inputs = [x.clone().requires_grad_(True) for _ in range(2)]
+    for module, inp in zip((plain, fast), inputs):
+        (module(inp) ** 2).sum().backward()
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-4, atol=1e-4)
+    fast.weight.requires_grad_(True)  # a weight being trained: nn.Linear's own forward, with its gradient
+    fast(x).sum().backward()
+    assert fast.weight.grad is not None
+    with torch.no_grad():
+        fast.weight.mul_(2.0)  # e.g. an adapter merged into it: the packed copy is rebuilt
+        torch.testing.assert_close(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias), rtol=1e-5, atol=1e-5)
+    clone = copy.deepcopy(fast)
+    assert type(clone) is models.OneDNNLinear and not hasattr(clone, "_onednn_packed")
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), fast(x))
+
+
 def test_saved_adapter_on_a_local_base_is_found_by_relative_path(tmp_path):
     model, tokenizer = load_model(dtype=torch.float32)
     model = add_lora(model, r=4, lora_alpha=8)

@@ -1,5 +1,5 @@
-"""Notebooks 04 (entropy optimisation, adaptive temperature) and 06 (every figure), run by papermill
-on the smoke profile; asserts on what they recorded and wrote."""
+"""Notebooks 04 (entropy optimisation, adaptive temperature in both readings, dynamics, seeds) and 06
+(every figure), run by papermill on the smoke profile; asserts on what they recorded and wrote."""
 
 import json
 
@@ -7,56 +7,71 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from probunlearn.stats import VERDICTS
 from probunlearn.utils import load_profile
 
 SMOKE = load_profile("smoke")
 # what notebook 06 promises (its header table): every figure as PNG and PDF, every table as .md and .csv
-FIGURES = ["headline_greedy_vs_sampled", "bounds_vs_samples", "entropy_temperature", "unlearning_curves",
-           "forget_utility_tradeoff", "bound_coverage", "finetune_knowledge"]
-TABLES = ["table_finetune", "table_matched_utility", "table_probabilistic", "table_entropy"]
+FIGURES = ["headline_greedy_vs_sampled", "bounds_vs_samples", "entropy_dynamics", "entropy_temperature",
+           "unlearning_curves", "forget_utility_tradeoff", "bound_coverage", "finetune_knowledge"]
+TABLES = ["table_finetune", "table_matched_utility", "table_probabilistic", "table_entropy", "table_entropy_verdicts"]
+VARIANTS = ["baseline", "+ AT (entropy)", "+ AT (confidence)", "+ entropy", "+ entropy + AT (entropy)",
+            "+ entropy + AT (confidence)"]
 
 
 @pytest.fixture(scope="module")
-def headline(smoke_run):
-    return pd.read_csv(smoke_run["results"] / "entropy" / "headline.csv")
+def entropy_dir(smoke_run):
+    return smoke_run["results"] / "entropy"
 
 
-def test_04_every_method_with_and_without_entropy_and_adaptive_temperature(smoke_run, headline):
-    main = headline[~headline["sweep"]]
-    assert len(main) == 4 * len(SMOKE["ENTROPY_METHODS"])
-    for method in SMOKE["ENTROPY_METHODS"]:
-        rows = main[main["method"] == method]
-        assert sorted(zip(rows["entropy"], rows["adaptive_temperature"])) == [(False, False), (False, True),
-                                                                              (True, False), (True, True)]
-        # the baselines are notebook 03's controlled models, the entropy runs use the configured weight
-        assert set(rows.loc[~rows["entropy"], "model"]) == {f"{method}_mix"}
-        assert set(rows.loc[rows["entropy"], "lambda_f"]) == {SMOKE["ENTROPY_FORGET_WEIGHT"]}
-    for column in ("forget_greedy_rouge_l", "forget_m_bin", "forget_m_mu", "retain_distinct_2", "fire_rate_forget",
-                   "fire_rate_retain"):
+def test_04_headline_has_every_variant_condition_and_seed(entropy_dir):
+    headline = pd.read_csv(entropy_dir / "headline.csv")
+    methods = SMOKE["ENTROPY_METHODS"]
+    assert len(headline) == 2 * len(methods) * len(VARIANTS)
+    for (condition, method), rows in headline.groupby(["condition", "method"]):
+        assert condition in ("uncontrolled", "matched utility") and method in methods
+        assert sorted(rows["variant"]) == sorted(VARIANTS)
+    assert (headline["seeds"] == len(SMOKE["UNLEARN_SEEDS"])).all()
+    for column in ("forget_m_bin", "forget_m_bin_low", "forget_m_bin_high", "forget_greedy_rouge_l", "retain_distinct_2",
+                   "forget_fire_rate", "retain_fire_rate"):
         assert headline[column].between(0, 1).all(), column
-    assert (headline["forget_ed"] >= headline["forget_m_mu"]).all()
-    # the greedy branch keeps the argmax: greedy answers are the same with and without adaptive temperature
-    for _, pair in headline.groupby("model"):
-        assert pair["forget_greedy_rouge_l"].nunique() == 1 and pair["retain_greedy_rouge_l"].nunique() == 1
-    plain = headline[~headline["adaptive_temperature"]]
-    assert (plain["fire_rate_forget"] == 0).all() and (plain["fire_rate_retain"] == 0).all()
+    assert ((headline["forget_m_bin_low"] <= headline["forget_m_bin"] + 1e-9)
+            & (headline["forget_m_bin"] <= headline["forget_m_bin_high"] + 1e-9)).all()
+    assert (headline.loc[~headline["variant"].str.contains("AT"), "forget_fire_rate"] == 0).all()
 
 
-def test_04_calibration_sweep_and_adapters(smoke_run, headline):
-    out = smoke_run["results"] / "entropy"
-    summary = json.loads((out / "summary.json").read_text())
-    entropies = np.load(out / "entropies.npz")
-    for model, threshold in summary["thresholds"].items():
-        retain = entropies[f"{model}__retain"]
-        assert threshold == pytest.approx(float(np.quantile(retain, SMOKE["AT_QUANTILE"], method="lower")))
-    sweep = pd.read_csv(out / "sweep.csv")
-    assert sorted(sweep["lambda_f"]) == sorted({0.0, SMOKE["ENTROPY_FORGET_WEIGHT"], *SMOKE["LAMBDA_F_SWEEP"]})
-    assert set(summary["verdicts"]) == set(SMOKE["ENTROPY_METHODS"])
-    for name, chosen in summary["controls"].items():
-        if chosen["lambda"] is not None:  # trained here: saved, with the control's choice
-            meta = json.loads((out / "adapters" / name / "probunlearn.json").read_text())
-            assert 0 <= chosen["lambda"] <= 1 and meta["lambda"] == chosen["lambda"]
-    for figure in ("04_entropy_temperature", "04_entropy_distributions", "04_lambda_sweep"):
+def test_04_cells_readings_and_verdicts(entropy_dir):
+    cells = pd.read_csv(entropy_dir / "cells.csv")
+    # the low branch of both readings keeps the argmax: greedy answers are those of plain sampling
+    for _, group in cells.groupby(["seed", "method", "entropy", "condition", "split"]):
+        by_mode = group.pivot(index="question", columns="mode", values="greedy_rouge_l")
+        assert (by_mode.nunique(axis=1) == 1).all()
+    assert set(cells["mode"]) == {"plain", "entropy", "confidence"}
+    assert (cells.loc[cells["mode"] == "confidence", "threshold"] == SMOKE["AT_CONFIDENCE"]).all()
+    # the entropy reading's h_tau is the quantile of the model's own retain-step entropies
+    entropies = np.load(entropy_dir / "entropies.npz")
+    first = cells[(cells["mode"] == "entropy") & (cells["condition"] == "matched utility") & ~cells["entropy"]
+                  & (cells["seed"] == SMOKE["UNLEARN_SEEDS"][0])]
+    for method, rows in first.groupby("method"):
+        retain = entropies[f"{method}_mix_seed{SMOKE['UNLEARN_SEEDS'][0]}__retain"]
+        assert rows["threshold"].iloc[0] == pytest.approx(float(np.quantile(retain, SMOKE["AT_QUANTILE"], method="lower")))
+    verdicts = pd.read_csv(entropy_dir / "verdicts.csv")
+    assert len(verdicts) == 2 * len(SMOKE["ENTROPY_METHODS"]) * (len(VARIANTS) - 1)
+    assert set(verdicts["verdict"]) <= set(VERDICTS) and (verdicts["low"] <= verdicts["high"] + 1e-12).all()
+    assert (verdicts["cells"] == len(SMOKE["UNLEARN_SEEDS"]) * SMOKE["ENTROPY_QUESTIONS"]).all()
+    summary = json.loads((entropy_dir / "summary.json").read_text())
+    assert summary["entropy_positions"] == SMOKE["ENTROPY_POSITIONS"] and summary["seeds"] == SMOKE["UNLEARN_SEEDS"]
+
+
+def test_04_dynamics_and_figures(smoke_run, entropy_dir):
+    dynamics = pd.read_csv(entropy_dir / "dynamics.csv")
+    assert dynamics["variant"].nunique() == 3
+    for _, part in dynamics.groupby("variant"):
+        assert part["epoch"].tolist() == [0.0, *map(float, SMOKE["DYNAMICS_EVAL_EPOCHS"])]
+        assert part[["forget_m_bin", "forget_rouge_l_recall", "retain_rouge_l_recall"]].stack().between(0, 1).all()
+    start = dynamics[dynamics["epoch"] == 0]
+    assert start["forget_m_bin"].nunique() == 1  # every run starts at the target
+    for figure in ("04_dynamics", "04_entropy_temperature", "04_entropy_distributions"):
         assert (smoke_run["results"] / "figures" / f"{figure}.png").stat().st_size > 1000
 
 
@@ -72,3 +87,6 @@ def test_06_writes_every_figure_and_table_it_promises(smoke_run):
     assert written == set(FIGURES) | set(TABLES)  # nothing unannounced
     matched = pd.read_csv(figures / "table_matched_utility.csv")
     assert set(matched["variant"]) == {"reference", "uncontrolled", "early stopped", "mixed"}
+    assert {"seeds", "forget_rouge_l_recall_low", "forget_rouge_l_recall_high"} <= set(matched.columns)
+    assert {"seeds", "forget_m_bin_low", "forget_m_bin_high"} <= set(pd.read_csv(figures / "table_entropy.csv").columns)
+    assert "seeds" in pd.read_csv(figures / "table_probabilistic.csv").columns

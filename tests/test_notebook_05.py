@@ -13,20 +13,26 @@ PROFILE = load_profile("smoke")
 TOL = 1e-9
 
 
-def test_05_evaluated_every_model(smoke_run):
+def test_05_evaluated_every_model_and_seed(smoke_run):
     results = smoke_run["results"]
     out = results / "probabilistic"
     recorded = json.loads((out / "summary.json").read_text())
     models = recorded["models"]
-    saved = {p.name for p in (results / "models").iterdir() if (p / META_FILE).exists() or (p / "config.json").exists()}
-    assert models[:3] == ["base", "target", "retain"] and set(models) == {"base"} | saved
-    n, questions = PROFILE["NUM_SAMPLES"], PROFILE["EVAL_QUESTIONS"]
-    assert recorded["num_samples"] == n and recorded["alpha"] == PROFILE["ALPHA"]
+    assert models == [m for m in ("base", "target", "retain", "ga", "ga_es", "ga_mix", "npo_mix") if m in PROFILE["EVAL_MODELS"]]
+    # unlearned models once per seed, each with its own sampling seed; the others once, with the first seed
+    runs = {tuple(r) for r in recorded["runs"]}
+    first = PROFILE["UNLEARN_SEEDS"][0]
     for name in models:
+        seeds = PROFILE["UNLEARN_SEEDS"] if (results / "models" / name / f"seed{first}").exists() else [first]
+        assert {s for m, s in runs if m == name} == set(seeds), name
+    n, questions = PROFILE["NUM_SAMPLES"], {"forget": PROFILE["EVAL_QUESTIONS"], "retain": PROFILE["RETAIN_QUESTIONS"]}
+    assert recorded["num_samples"] == n and recorded["alpha"] == PROFILE["ALPHA"]
+    cells = pd.read_csv(out / "cells.csv")
+    for name, seed in runs:
         for split in ("forget", "retain"):
-            table, raw = load_split_results(out, name, split)
-            assert len(table) == questions and len(raw["samples"]) == questions
-            assert raw["scores"].shape == raw["leaks"].shape == (questions, n)
+            table, raw = load_split_results(out, f"{name}/seed{seed}", split)
+            assert len(table) == questions[split] and len(raw["samples"]) == questions[split]
+            assert raw["scores"].shape == raw["leaks"].shape == (questions[split], n)
             for column in ("greedy_rouge_l", "greedy_leak", "mean_rouge_l", "max_rouge_l", "leak_rate",
                            "m_bin", "m_mu", "m_sigma"):
                 assert table[column].between(0, 1).all(), (name, split, column)
@@ -38,13 +44,21 @@ def test_05_evaluated_every_model(smoke_run):
             np.testing.assert_allclose(table["ed"], table["m_mu"] + PROFILE["ED_LAMBDA"] * table["m_sigma"])
             np.testing.assert_allclose(table["leak_rate"], raw["leaks"].mean(axis=1))
             np.testing.assert_allclose(table["mean_rouge_l"], raw["scores"].mean(axis=1), atol=1e-5)
-            summary = recorded["summary"][name][split]
-            assert summary["questions"] == questions and summary["samples"] == n
-            assert summary["frac_m_bin_above"] == float((table["m_bin"] > PROFILE["MBIN_THRESHOLD"]).mean())
-            leak_curve = [summary[f"leak_at_{k}"] for k in (1, 2, 4, 8) if k <= n]
-            assert leak_curve == sorted(leak_curve) and summary["leak_at_1"] == summary["leak_rate"]
-    # the fine-tuned target knows its forget answers better than the base model, sampled too
-    assert recorded["summary"]["target"]["forget"]["mean_rouge_l"] > recorded["summary"]["base"]["forget"]["mean_rouge_l"]
+            mine = cells[(cells["model"] == name) & (cells["seed"] == seed) & (cells["split"] == split)]
+            np.testing.assert_allclose(mine["leaks_within_n"], (raw["leaks"].sum(axis=1) > 0).astype(float))
+    overview = pd.read_csv(out / "overview.csv")
+    assert {"seeds", "m_bin_low", "m_bin_high", "leaks_within_n"} <= set(overview.columns)
+    assert ((overview["m_bin_low"] <= overview["m_bin"] + TOL) & (overview["m_bin"] <= overview["m_bin_high"] + TOL)).all()
+    headline = pd.DataFrame(recorded["headline"])
+    assert list(headline["model"]) == models
+    assert set(headline["greedy_vs_sampled"]) <= {"lower", "not lower", "inconclusive"}
+    forget_cells = cells[cells["split"] == "forget"].groupby("model")
+    np.testing.assert_allclose(headline.set_index("model")["leaks_within_n"], forget_cells["leaks_within_n"].mean()[models])
+    np.testing.assert_allclose(headline.set_index("model")["difference"],
+                               (forget_cells["greedy_leak"].mean() - forget_cells["leaks_within_n"].mean())[models], atol=1e-9)
+    # the fine-tuned target knows its forget answers better than the retain model, sampled too
+    by_model = overview[overview["split"] == "forget"].set_index("model")
+    assert by_model.loc["target", "mean_rouge_l"] > by_model.loc["retain", "mean_rouge_l"]
 
 
 def test_05_curves_coverage_and_figures(smoke_run):

@@ -216,6 +216,18 @@ def test_step_observer_sees_every_live_row_with_raw_logits_and_chosen_tokens(mod
                 assert taken[-1] == EOS
 
 
+def test_decoding_uses_the_supported_cache_argument(model, tokenizer):
+    """transformers 5.24 deprecates `past_key_values` (removed in 5.40): the sampler passes `cache` where the
+    model takes it, so decoding raises no FutureWarning of our own."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=3, max_new_tokens=4, progress=False)
+    expected = "cache" if "cache" in __import__("inspect").signature(type(model).forward).parameters else "past_key_values"
+    assert list(sampling.cache_argument(model, None)) == [expected]
+
+
 def test_rows_stop_at_eos_and_respect_max_new_tokens(model, tokenizer):
     rows = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=50, max_new_tokens=7, seed=0, progress=False)
     lengths = [len(r) for q in rows for r in q]

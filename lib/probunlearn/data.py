@@ -7,6 +7,7 @@ author, keywords` — the TOFU schema (Maini et al. 2024) plus `author` and `key
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -262,6 +263,22 @@ def fictitious_authors(num_authors: int, qa_per_author: int = 20, seed: int = 0)
     return Dataset.from_list(records)
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """Within the block, `datasets` shows no progress bar: its bars for trivial operations ("Filter",
+    "Creating json from Arrow format") would clutter every data cell of the notebooks, where a
+    student should see only the bars of long work (training, sampling, evaluation)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    enabled = not are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            enable_progress_bars()
+
+
 def split_by_author(dataset, forget_fraction: float, seed: int = 0):
     """Split into `(forget, retain)` by whole authors (TOFU: forget01/05/10 = 1/5/10 % of authors).
     At least one author is forgotten and at least one retained."""
@@ -272,8 +289,9 @@ def split_by_author(dataset, forget_fraction: float, seed: int = 0):
         raise ValueError("need at least two authors to split into forget and retain sets")
     num_forget = min(len(authors) - 1, max(1, round(forget_fraction * len(authors))))
     forget_authors = set(random.Random(seed).sample(authors, num_forget))
-    forget = dataset.filter(lambda r: r["author"] in forget_authors)
-    retain = dataset.filter(lambda r: r["author"] not in forget_authors)
+    with quiet_datasets():
+        forget = dataset.filter(lambda r: r["author"] in forget_authors)
+        retain = dataset.filter(lambda r: r["author"] not in forget_authors)
     return forget, retain
 
 
@@ -460,8 +478,9 @@ def save_splits(splits: dict, folder: str | Path) -> Path:
     """Write each split as `<folder>/<name>.jsonl` (readable, diffable, loads in milliseconds)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, dataset in splits.items():
-        dataset.to_json(folder / f"{name}.jsonl", lines=True)
+    with quiet_datasets():
+        for name, dataset in splits.items():
+            dataset.to_json(folder / f"{name}.jsonl", lines=True)
     return folder
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -311,7 +312,9 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _linear_module_names(model) -> list[str]:

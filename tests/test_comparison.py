@@ -1,0 +1,86 @@
+"""probunlearn.comparison (notebook 04's computations) on the tiny random Llama of tests/tiny_lm.py and on
+synthetic cells: one point of the dynamics, the per-question cells of each reading, the headline table
+and the paired verdicts."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import Dataset
+from tiny_lm import tiny_model, tiny_tokenizer
+
+from probunlearn import bounds
+from probunlearn.comparison import leakage_point, reading_cells, variant_name, variant_table, verdict_table
+from probunlearn.probabilistic import evaluate_model
+from probunlearn.sampling import greedy_answers
+from probunlearn.temperature import evaluate_adaptive
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RECORDS = [{"question": q, "answer": "the answer is here", "keywords": ["e"]}
+           for q in ("hi", "what is the name of the author?", "where?")]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model(), tiny_tokenizer()
+
+
+def test_leakage_point_is_the_greedy_and_sampled_evaluation_in_one_pass(lm):
+    model, tokenizer = lm
+    forget, retain = Dataset.from_list(RECORDS[:2]), Dataset.from_list(RECORDS[1:])
+    point = leakage_point(model, tokenizer, forget, retain, num_samples=6, max_new_tokens=8, seed=2)
+    table, raw = evaluate_model(model, tokenizer, {"f": forget}, num_samples=6, max_new_tokens=8, seed=2,
+                                progress=False)["f"]
+    assert point["forget_rouge_l_recall"] == pytest.approx(table["greedy_rouge_l"].mean())
+    assert point["forget_m_bin"] == pytest.approx(float(np.mean(bounds.binary_leak_upper(raw["leaks"], bounds.ALPHA))))
+    assert point["forget_leak_rate"] == pytest.approx(raw["leaks"].mean())
+    from probunlearn.metrics import rouge_l_recall
+    retain_greedy = greedy_answers(model, tokenizer, retain["question"], max_new_tokens=8, progress=False)
+    assert point["retain_rouge_l_recall"] == pytest.approx(np.mean([rouge_l_recall(g, r["answer"])
+                                                                    for g, r in zip(retain_greedy, retain)]))
+
+
+def test_reading_cells_have_every_mode_split_and_question(lm):
+    model, tokenizer = lm
+    splits = {"forget": Dataset.from_list(RECORDS[:2]), "retain": Dataset.from_list(RECORDS[1:])}
+    evaluated = evaluate_adaptive(model, tokenizer, splits, quantile=0.3, confidence_threshold=0.3, num_samples=4,
+                                  max_new_tokens=8, progress=False)
+    cells = reading_cells(evaluated)
+    assert sorted(set(cells["mode"])) == ["confidence", "entropy", "plain"]
+    assert len(cells) == 3 * (2 + 2)
+    assert (cells.loc[cells["mode"] == "plain", "fire_rate"] == 0).all()
+    confidence = cells[(cells["mode"] == "confidence") & (cells["split"] == "forget")]
+    assert (confidence["fire_rate"] == evaluated["fire_rate"]["confidence"]["forget"]).all()
+    assert (confidence["threshold"] == 0.3).all()
+    assert [variant_name(e, m) for e in (False, True) for m in ("plain", "entropy")] == [
+        "baseline", "+ AT (entropy)", "+ entropy", "+ entropy + AT (entropy)"]
+
+
+def _synthetic_cells():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1, 2):
+        for question in range(8):
+            base = rng.uniform(0.4, 0.9)
+            for variant, shift in (("baseline", 0.0), ("+ entropy", -0.3), ("+ AT (entropy)", 0.0)):
+                for split in ("forget", "retain"):
+                    rows.append({"condition": "matched utility", "method": "ga", "variant": variant, "seed": seed,
+                                 "question": question, "split": split, "m_bin": base + shift, "greedy_rouge_l": 0.5,
+                                 "distinct_2": 0.2, "fire_rate": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_variant_table_and_verdicts_on_known_cells():
+    cells = _synthetic_cells()
+    table = variant_table(cells, metrics=("m_bin", "greedy_rouge_l", "distinct_2", "fire_rate"))
+    assert len(table) == 3 and set(table["seeds"]) == {3}
+    row = table.set_index("variant").loc["+ entropy"]
+    forget = cells[(cells["variant"] == "+ entropy") & (cells["split"] == "forget")]
+    assert row["forget_m_bin"] == pytest.approx(forget["m_bin"].mean())
+    assert row["forget_m_bin_low"] < row["forget_m_bin"] < row["forget_m_bin_high"]
+    assert "retain_distinct_2" in table.columns
+    verdicts = verdict_table(cells).set_index("variant")
+    assert verdicts.loc["+ entropy", "verdict"] == "lower"
+    assert verdicts.loc["+ entropy", "mean_difference"] == pytest.approx(-0.3)
+    assert verdicts.loc["+ AT (entropy)", "verdict"] == "not lower"  # the same cells: nothing changed
+    assert (verdicts["cells"] == 24).all()
