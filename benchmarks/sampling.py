@@ -5,7 +5,12 @@ Workload: 8 questions x n = 64 answers x up to 48 new tokens on the embedded Smo
   question, cache allocated once, finished rows dropped, weights in the default dtype: bfloat16 on a
   CPU with AMX/AVX512-BF16);
 - reference: `model.generate(do_sample=True, num_return_sequences=n)` one question at a time, float32
-  weights, the same temperature and top-p (top-k switched off).
+  weights in plain `torch.nn.Linear` layers (`PROBUNLEARN_ONEDNN=0` for its load: what a user of
+  transformers gets), the same temperature and top-p (top-k switched off).
+
+It also measures the machine's float32 matrix-product rate (a 512 x 576 x 1536 product, the shape
+of a decoding step's MLP, best of 20) and prints the share of it that our run reaches, counting
+2 x (parameters) FLOPs per decoded token: the floor no sampler on this CPU can go below.
 
 Run: python benchmarks/sampling.py [--questions 8] [--samples 64] [--max-new-tokens 48]
      [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--dtype D]
@@ -17,6 +22,7 @@ fast run samples the same distribution, the mean answer length of both.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -63,6 +69,20 @@ def run_reference(model, tokenizer, questions, args) -> tuple[float, list[int]]:
     return time.perf_counter() - start, lengths
 
 
+def gemm_gflops(dtype=torch.float32, shape=(512, 576, 1536), repeats: int = 20) -> float:
+    """Best-of-`repeats` GFLOP/s of one (m x k) @ (k x n) product in `dtype`."""
+    m, k, n = shape
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=8)
@@ -87,11 +107,18 @@ def main() -> None:
     run_ours(model, tokenizer, questions[:1], argparse.Namespace(**{**vars(args), "samples": 2, "max_new_tokens": 2}))
     best, lengths = min(run_ours(model, tokenizer, questions, args) for _ in range(args.repeats))
     tokens = sum(lengths) + sum(n < args.max_new_tokens for n in lengths)  # + the EOS tokens
+    params = sum(p.numel() for p in model.parameters())
+    rate = gemm_gflops(model.dtype)
+    achieved = tokens * 2 * params / best / 1e9
     print(f"  ours      ({str(model.dtype).removeprefix('torch.')}): {best:7.1f} s  "
           f"{tokens / best:6.0f} tokens/s  mean answer {np.mean(lengths):.1f} tokens")
+    print(f"  matrix products in {str(model.dtype).removeprefix('torch.')}: {rate:.0f} GFLOP/s on this machine; ours reaches "
+          f"{achieved:.0f} GFLOP/s ({achieved / rate:.0%}) at 2 x {params / 1e6:.0f} M FLOPs per token, so the "
+          f"floor for this workload is {tokens * 2 * params / rate / 1e9:.1f} s")
     if args.skip_reference:
         return
     del model
+    os.environ["PROBUNLEARN_ONEDNN"] = "0"  # plain nn.Linear, as transformers loads it
     reference, tokenizer = load_model("smollm2-135m", dtype=torch.float32)
     seconds, ref_lengths = run_reference(reference, tokenizer, questions, args)
     print(f"  reference (float32, generate): {seconds:7.1f} s  mean answer {np.mean(ref_lengths):.1f} tokens", flush=True)

@@ -52,9 +52,11 @@ def test_03_table_over_seeds_and_models(smoke_run, summary):
     assert set(table["variant"]) == {"reference", "uncontrolled", "early stopped", "mixed"}
     controlled = table[table["variant"] != "reference"]
     assert (controlled["seeds"] == len(SMOKE["UNLEARN_SEEDS"])).all()
-    for column in ("forget_rouge_l_recall", "forget_keyword_hit", "retain_rouge_l_recall", "utility_accuracy_seed0",
-                   "forget_quality_seed0", "model_utility_seed0"):
+    for column in ("forget_rouge_l_recall", "forget_keyword_hit", "retain_rouge_l_recall"):
         assert table[column].between(0, 1).all(), column
+    tofu = table[table["variant"].isin(["reference", "uncontrolled", "mixed"])]  # TOFU's numbers: these models
+    for column in ("utility_accuracy_seed0", "forget_quality_seed0", "model_utility_seed0"):
+        assert tofu[column].between(0, 1).all(), column
     assert (controlled["forget_rouge_l_recall_low"] <= controlled["forget_rouge_l_recall"] + 1e-9).all()
     assert (controlled["forget_rouge_l_recall"] <= controlled["forget_rouge_l_recall_high"] + 1e-9).all()
     # the table's means are the means of the per-question cells

@@ -189,6 +189,28 @@ def test_answer_logits_run_the_head_on_answer_positions_only_and_match_the_full_
     assert torch.allclose(sequence_logprob(fast), expected, atol=1e-4)
 
 
+def test_trunk_answer_nll_equals_answer_nll_and_trace_metrics_uses_it(tiny):
+    from probunlearn.models import FrozenTrunk
+    from probunlearn.unlearning import trace_metrics, trunk_answer_nll
+
+    torch.manual_seed(0)
+    model = add_lora(copy.deepcopy(tiny["model"]), r=4, lora_alpha=8, top_layers=1)
+    tokenizer = tiny["tokenizer"]
+    perturb_adapter(model)
+    trunk = FrozenTrunk(model)
+    records = FORGET + RETAIN
+    questions, answers = [r["question"] for r in records], [r["answer"] for r in records]
+    plain = answer_nll(model, tokenizer, questions, answers)
+    fast = trunk_answer_nll(model, tokenizer, questions, answers, trunk, batch_size=3)
+    np.testing.assert_allclose(fast, plain, rtol=1e-4)
+    assert len(set(np.round(plain, 4))) > 1  # the numbers differ between items: the comparison means something
+    splits = {"forget": Dataset.from_list(FORGET), "retain": Dataset.from_list(RETAIN)}
+    with_trunk = trace_metrics(model, tokenizer, splits, max_new_tokens=4, trunk=trunk)
+    without = trace_metrics(model, tokenizer, splits, max_new_tokens=4)
+    assert with_trunk["forget_nll"] == pytest.approx(without["forget_nll"], rel=1e-4)
+    assert with_trunk["retain_nll"] == pytest.approx(without["retain_nll"], rel=1e-4)
+
+
 def test_frozen_trunk_runs_only_the_adapted_blocks_and_changes_no_number(tiny):
     """With the adapter on the top block only, the bottom block's output is kept per sequence; logits,
     reference logits and whole unlearning runs are those of plain forward passes."""
