@@ -9,7 +9,8 @@ from datasets import Dataset
 from tiny_lm import tiny_model, tiny_tokenizer
 
 from probunlearn import bounds
-from probunlearn.comparison import leakage_point, reading_cells, variant_name, variant_table, verdict_table
+from probunlearn.comparison import (leakage_point, method_verdicts, mixing_lambdas, reading_cells, variant_name, variant_table,
+                                    verdict_table)
 from probunlearn.probabilistic import evaluate_model
 from probunlearn.sampling import greedy_answers
 from probunlearn.temperature import evaluate_adaptive
@@ -84,3 +85,38 @@ def test_variant_table_and_verdicts_on_known_cells():
     assert verdicts.loc["+ entropy", "mean_difference"] == pytest.approx(-0.3)
     assert verdicts.loc["+ AT (entropy)", "verdict"] == "not lower"  # the same cells: nothing changed
     assert (verdicts["cells"] == 24).all()
+
+
+def test_method_verdicts_pair_each_method_with_the_baseline_on_the_same_cells():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        for question in range(10):
+            base = rng.uniform(0.4, 0.9)
+            for variant, shift in (("uncontrolled", {"ga": 0.0, "better": -0.3, "same": 0.0}),
+                                   ("mixed", {"ga": 0.0, "better": 0.0, "same": 0.0})):
+                for method, delta in shift.items():
+                    noise = 0.0 if method == "ga" else rng.normal(0, 0.01)
+                    rows.append({"seed": seed, "method": method, "variant": variant, "split": "forget",
+                                 "question": question, "rouge_l_recall": base + delta + noise})
+            rows.append({"seed": seed, "method": "better", "variant": "mixed", "split": "retain", "question": question,
+                         "rouge_l_recall": 0.0})  # retain cells are not part of the comparison
+    cells = pd.DataFrame(rows).sample(frac=1, random_state=1)  # pairing must not rely on row order
+    table = method_verdicts(cells).set_index(["variant", "method"])
+    assert len(table) == 4 and (table["cells"] == 30).all() and (table["seeds"] == 3).all()
+    assert table.loc[("uncontrolled", "better"), "verdict"] == "lower"
+    assert table.loc[("uncontrolled", "better"), "mean_difference"] == pytest.approx(-0.3, abs=0.01)
+    assert table.loc[("mixed", "better"), "verdict"] == "inconclusive"  # the gap is gone at matched utility
+    with pytest.raises(ValueError, match="baseline"):
+        method_verdicts(cells, baseline="npo")
+
+
+def test_mixing_lambdas_follow_the_model_behind_each_variant_not_its_name():
+    rows = [{"condition": "matched utility", "method": "ga", "variant": variant, "seed": seed, "question": q,
+             "mixing_lambda": lam[seed], "split": "forget", "m_bin": 0.5}
+            for variant, lam in (("baseline", {0: 0.5, 1: 1.0}), ("+ AT (entropy)", {0: 0.5, 1: 1.0}),
+                                 ("+ entropy", {0: 0.25, 1: 0.75}))
+            for seed in (1, 0) for q in range(2)]
+    table = mixing_lambdas(pd.DataFrame(rows)).set_index("variant")["mixing_lambdas"]
+    assert table["+ AT (entropy)"] == [0.5, 1.0]  # a reading of adaptive temperature on the baseline model
+    assert table["+ entropy"] == [0.25, 0.75]     # seed order, whatever the row order

@@ -100,7 +100,19 @@ def variant_table(cells: pd.DataFrame, metrics: Sequence[str] = ("m_bin", "greed
         part = part.rename(columns={c: f"{split}_{c}" for c in part.columns
                                     if c not in ("condition", "method", "variant", "seeds")})
         frames.append(part.set_index(["condition", "method", "variant", "seeds"]))
-    return frames[0].join(frames[1]).reset_index()
+    table = frames[0].join(frames[1]).reset_index()
+    if "mixing_lambda" in cells.columns:
+        table = table.merge(mixing_lambdas(cells), on=["condition", "method", "variant"], how="left")
+    return table
+
+
+def mixing_lambdas(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (condition, method, variant): `mixing_lambdas`, the mixing weight of the model behind the
+    variant's cells, one per seed in seed order (a variant and its base method may come from
+    different models: "+ entropy" rows from the entropy-trained ones)."""
+    per_seed = cells.drop_duplicates(["condition", "method", "variant", "seed"]).sort_values("seed")
+    return (per_seed.groupby(["condition", "method", "variant"], sort=False)["mixing_lambda"]
+            .apply(lambda values: [float(v) for v in values]).rename("mixing_lambdas").reset_index())
 
 
 def verdict_table(cells: pd.DataFrame, metric: str = "m_bin", baseline: str = "baseline") -> pd.DataFrame:
@@ -118,4 +130,25 @@ def verdict_table(cells: pd.DataFrame, metric: str = "m_bin", baseline: str = "b
             verdict = paired_verdict(reference.to_numpy(), values.to_numpy())
             rows.append({"condition": condition, "method": method, "variant": variant, "metric": f"forget_{metric}",
                          "seeds": int(part["seed"].nunique()), **verdict})
+    return pd.DataFrame(rows)
+
+
+def method_verdicts(cells: pd.DataFrame, baseline: str = "ga", metric: str = "rouge_l_recall") -> pd.DataFrame:
+    """Notebook 03's comparison as paired tests: per variant (uncontrolled, early stopped, mixed),
+    every method against `baseline` on the same (seed, question) cells of the forget split (the
+    long table of `control.variant_cells`). The paired mean difference of `metric` (method −
+    baseline), its 95 % interval, the Wilcoxon p-value and the verdict ("lower": the method leaves
+    less of the forget answers than the baseline does)."""
+    forget = cells[cells["split"] == "forget"]
+    if baseline not in set(forget["method"]):
+        raise ValueError(f"baseline method {baseline!r} is not among {sorted(set(forget['method']))}")
+    rows = []
+    for variant, group in forget.groupby("variant", sort=False):
+        reference = group[group["method"] == baseline].set_index(["seed", "question"])[metric]
+        for method, part in group.groupby("method", sort=False):
+            if method == baseline:
+                continue
+            values = part.set_index(["seed", "question"])[metric].reindex(reference.index)
+            rows.append({"variant": variant, "method": method, "baseline": baseline, "metric": f"forget_{metric}",
+                         "seeds": int(part["seed"].nunique()), **paired_verdict(reference.to_numpy(), values.to_numpy())})
     return pd.DataFrame(rows)
