@@ -237,7 +237,8 @@ def load_model(
         from peft import PeftModel
 
         base, tokenizer = load_model(_adapter_base(path), quantization=quantization, dtype=dtype, device=device)
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
         return model.eval(), tokenizer
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -312,9 +313,17 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft calls a transformers method deprecated in 5.x (`is_gradient_checkpointing`) when it wraps
+    or loads an adapter: not ours to fix, and not a warning a notebook reader can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _linear_module_names(model) -> list[str]:
@@ -343,7 +352,8 @@ def load_adapter(model, path: str | os.PathLike, *, trainable: bool = False):
     """Put a saved adapter on an already loaded base model (not merged: it can be disabled)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
 
 
 @contextlib.contextmanager
