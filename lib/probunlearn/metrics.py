@@ -167,7 +167,7 @@ def answer_nll(model, tokenizer, questions, answers, *, batch_size: int = 16) ->
     import torch
     import torch.nn.functional as F
 
-    from probunlearn.models import encode_answer, encode_prompt
+    from probunlearn.models import encode_answer, encode_prompt, evaluating
     from probunlearn.sampling import _kv_cache, cache_argument
 
     questions, answers = list(questions), list(answers)
@@ -185,49 +185,44 @@ def answer_nll(model, tokenizer, questions, answers, *, batch_size: int = 16) ->
         raise ValueError("an answer has no scored tokens")
     order = sorted(range(len(questions)), key=lambda i: questions[i])  # answers of one question together
     nll = np.empty(len(questions))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                items = order[start:start + batch_size]
-                distinct = sorted({questions[i] for i in items})
-                for q in distinct:
-                    if q not in prompt_ids:
-                        prompt_ids[q] = encode_prompt(tokenizer, q)
-                width = max(len(prompt_ids[q]) for q in distinct)
-                prompts = torch.full((len(distinct), width), pad, dtype=torch.long)
-                prompt_mask = torch.zeros((len(distinct), width), dtype=torch.long)
-                for k, q in enumerate(distinct):  # left-padded: every prompt ends at the same column
-                    prompts[k, width - len(prompt_ids[q]):] = torch.tensor(prompt_ids[q])
-                    prompt_mask[k, width - len(prompt_ids[q]):] = 1
-                prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
-                positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-                longest = max(len(answer_ids[i]) for i in items)
-                cache = _kv_cache(width + longest, row_capacity=len(items))
-                out = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **cache_argument(model, cache))
-                row = torch.tensor([distinct.index(questions[i]) for i in items], device=device)
-                first = out.logits[row, -1].float()  # predicts each answer's first token
-                for layer in cache.layers:
-                    layer.keep_rows(row)  # each answer gets its prompt's keys and values
-                tokens = torch.full((len(items), longest), pad, dtype=torch.long)
-                scored = torch.zeros((len(items), longest), dtype=torch.bool)
-                for k, i in enumerate(items):
-                    tokens[k, :len(answer_ids[i])] = torch.tensor(answer_ids[i])
-                    scored[k, :len(answer_ids[i])] = True
-                tokens, scored = tokens.to(device), scored.to(device)
-                mask = torch.cat([prompt_mask[row], scored.long()], dim=1)
-                answer_positions = positions[row, -1:] + 1 + torch.arange(longest, device=device)
-                # the answer's last token (EOS) predicts nothing we score: run all but the last column
-                logits = model(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1], position_ids=answer_positions[:, :-1],
-                               use_cache=True, **cache_argument(model, cache)).logits.float() if longest > 1 else None
-                predictions = first[:, None] if logits is None else torch.cat([first[:, None], logits], dim=1)
-                token_nll = F.cross_entropy(predictions[scored], tokens[scored], reduction="none")
-                sums = torch.zeros(len(items), device=device).index_add_(0, scored.nonzero()[:, 0], token_nll)
-                nll[items] = (sums / scored.sum(dim=1)).cpu().numpy()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(order), batch_size):
+            items = order[start:start + batch_size]
+            distinct = sorted({questions[i] for i in items})
+            for q in distinct:
+                if q not in prompt_ids:
+                    prompt_ids[q] = encode_prompt(tokenizer, q)
+            width = max(len(prompt_ids[q]) for q in distinct)
+            prompts = torch.full((len(distinct), width), pad, dtype=torch.long)
+            prompt_mask = torch.zeros((len(distinct), width), dtype=torch.long)
+            for k, q in enumerate(distinct):  # left-padded: every prompt ends at the same column
+                prompts[k, width - len(prompt_ids[q]):] = torch.tensor(prompt_ids[q])
+                prompt_mask[k, width - len(prompt_ids[q]):] = 1
+            prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
+            positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+            longest = max(len(answer_ids[i]) for i in items)
+            cache = _kv_cache(width + longest, row_capacity=len(items))
+            out = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **cache_argument(model, cache))
+            row = torch.tensor([distinct.index(questions[i]) for i in items], device=device)
+            first = out.logits[row, -1].float()  # predicts each answer's first token
+            for layer in cache.layers:
+                layer.keep_rows(row)  # each answer gets its prompt's keys and values
+            tokens = torch.full((len(items), longest), pad, dtype=torch.long)
+            scored = torch.zeros((len(items), longest), dtype=torch.bool)
+            for k, i in enumerate(items):
+                tokens[k, :len(answer_ids[i])] = torch.tensor(answer_ids[i])
+                scored[k, :len(answer_ids[i])] = True
+            tokens, scored = tokens.to(device), scored.to(device)
+            mask = torch.cat([prompt_mask[row], scored.long()], dim=1)
+            answer_positions = positions[row, -1:] + 1 + torch.arange(longest, device=device)
+            # the answer's last token (EOS) predicts nothing we score: run all but the last column
+            logits = model(input_ids=tokens[:, :-1], attention_mask=mask[:, :-1], position_ids=answer_positions[:, :-1],
+                           use_cache=True, **cache_argument(model, cache)).logits.float() if longest > 1 else None
+            predictions = first[:, None] if logits is None else torch.cat([first[:, None], logits], dim=1)
+            token_nll = F.cross_entropy(predictions[scored], tokens[scored], reduction="none")
+            sums = torch.zeros(len(items), device=device).index_add_(0, scored.nonzero()[:, 0], token_nll)
+            nll[items] = (sums / scored.sum(dim=1)).cpu().numpy()
     return nll.astype(float)
 
 

@@ -357,6 +357,19 @@ def load_adapter(model, path: str | os.PathLike, *, trainable: bool = False):
 
 
 @contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) and no gradients inside the block; the model's training mode is
+    restored afterwards, whatever it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def reference_model(model):
     """Context in which `model` behaves as the frozen reference π_ref: the same weights with the
     LoRA adapter disabled (SPEC §2), so NPO and KL need no second copy of the model."""

@@ -309,24 +309,19 @@ def trunk_answer_nll(model, tokenizer, questions, answers, trunk, *, batch_size:
     per sequence for every model that shares them (each evaluation of an unlearning run, each
     mixing weight), and the output head runs on answer positions only. The same numbers up to
     float rounding (the tests compare them)."""
-    from probunlearn.models import answer_logits, encode_qa, model_device
+    from probunlearn.models import answer_logits, encode_qa, evaluating, model_device
 
     questions, answers = list(questions), list(answers)
     out = np.empty(len(questions))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(questions), batch_size):
-                batch = encode_qa(tokenizer, questions[start:start + batch_size], answers[start:start + batch_size])
-                batch = {k: v.to(model_device(model)) for k, v in batch.items()}
-                packed = answer_logits(model, batch, trunk)
-                token_nll = torch.nn.functional.cross_entropy(packed.logits, packed.targets, reduction="none")
-                sums = torch.zeros(packed.num_rows, dtype=torch.float64).index_add_(0, packed.rows.cpu(), token_nll.cpu().double())
-                counts = torch.bincount(packed.rows.cpu(), minlength=packed.num_rows)
-                out[start:start + packed.num_rows] = (sums / counts).numpy()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(questions), batch_size):
+            batch = encode_qa(tokenizer, questions[start:start + batch_size], answers[start:start + batch_size])
+            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+            packed = answer_logits(model, batch, trunk)
+            token_nll = torch.nn.functional.cross_entropy(packed.logits, packed.targets, reduction="none")
+            sums = torch.zeros(packed.num_rows, dtype=torch.float64).index_add_(0, packed.rows.cpu(), token_nll.cpu().double())
+            counts = torch.bincount(packed.rows.cpu(), minlength=packed.num_rows)
+            out[start:start + packed.num_rows] = (sums / counts).numpy()
     return out
 
 
