@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: setup test reproduce strip clean
+.PHONY: setup test reproduce lab exercises strip clean
 
 # Idempotent: the venv is created once; torch is installed only when it is not importable there
 # (the local CPU wheel, never the CUDA build); the package and the embedded model are (re)installed
@@ -25,6 +25,15 @@ test: setup
 # Runs every notebook in order on $(PROFILE) (default cpu) and regenerates figures/.
 reproduce: setup
 	$(BIN)/python -m probunlearn.reproduce --profile $(PROFILE)
+
+# JupyterLab on notebooks/, with the project's kernel (python3 of .venv); step through the cells by hand.
+# The notebooks write to results/cpu/ by default, as `make reproduce` does.
+lab: setup
+	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.
+
+# Student copies for a course: every notebook with its solution regions (### BEGIN/END SOLUTION) stubbed.
+exercises: setup
+	$(BIN)/python -m probunlearn.exercises notebooks exercises
 
 # Strip outputs from the notebooks before committing.
 strip: setup

@@ -224,3 +224,26 @@ def test_finetune_saves_and_reuses_only_with_the_same_settings(tmp_path, capsys)
     assert len(other) == 2
     _, _, other_data = finetune(fictitious_authors(1, qa_per_author=2, seed=6), tmp_path / "ft", **{**settings, "epochs": 2})
     assert "reusing" not in capsys.readouterr().out and other_data[0]["loss"] != other[0]["loss"]
+
+
+def test_merge_adapter_drops_the_stale_onednn_packs():
+    """peft merges into weight.data in place; a oneDNN layer that ran before must not keep its old packed copy."""
+    import torch
+
+    from probunlearn.models import OneDNNLinear, add_lora, merge_adapter, use_onednn
+    from tiny_lm import tiny_model
+
+    model = use_onednn(tiny_model())
+    assert any(isinstance(m, OneDNNLinear) for m in model.modules())
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits  # packs the weights
+        peft_model = add_lora(model, r=4, lora_alpha=8)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        with_adapter = peft_model(input_ids=ids).logits
+        merged = merge_adapter(peft_model)
+        after = merged(input_ids=ids).logits
+    assert not torch.allclose(with_adapter, before, atol=1e-3)
+    torch.testing.assert_close(after, with_adapter, atol=1e-4, rtol=1e-4)

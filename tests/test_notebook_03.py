@@ -78,3 +78,37 @@ def test_03_table_over_seeds_and_models(smoke_run, summary):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 1000
     print(f"notebook 03 wall time: {summary['wall_seconds']:.0f} s (in-notebook), "
           f"{smoke_run['seconds']['03_ga_baselines']:.0f} s (papermill)")
+
+
+def test_03_memorisation_and_privacy_columns(smoke_run, summary):
+    """ES, EM, MIA AUC and privleak for every model of the table; the privacy rows behind their means;
+    the mixing calibrated on Extraction Strength beside the ROUGE-L one."""
+    from probunlearn.privacy import ATTACKS
+
+    results = smoke_run["results"] / "unlearning"
+    table = pd.read_csv(results / "matched_utility.csv")
+    for column in ("forget_extraction_strength", "retain_extraction_strength", "forget_exact_memorization",
+                   *[f"mia_auc_{a}" for a in ATTACKS]):
+        assert table[column].between(0, 1).all(), column
+    for attack in ATTACKS:
+        assert table[f"privleak_{attack}"].notna().all()
+        retain = table[table["method"] == "retain model"].iloc[0]
+        assert retain[f"privleak_{attack}"] == 0.0  # the reference of privleak is the retain model itself
+        target = table[table["method"] == "target"].iloc[0]
+        assert target[f"privleak_{attack}"] == pytest.approx(
+            (target[f"mia_auc_{attack}"] - retain[f"mia_auc_{attack}"]) / retain[f"mia_auc_{attack}"])
+    # the target memorised the forget authors: its LOSS attack tells them from the holdout authors
+    assert table.loc[table["method"] == "target", "mia_auc_loss"].iloc[0] > 0.6
+    privacy = pd.read_csv(results / "privacy.csv")
+    assert len(privacy) == 3 * len(SMOKE["UNLEARN_METHODS"]) * len(SMOKE["UNLEARN_SEEDS"])
+    row = table[(table["method"] == "ga") & (table["variant"] == "uncontrolled")].iloc[0]
+    ga = privacy[(privacy["method"] == "ga") & (privacy["variant"] == "uncontrolled")]
+    assert row["mia_auc_min_k"] == pytest.approx(ga["mia_auc_min_k"].mean())
+    cells = pd.read_csv(results / "cells.csv")
+    assert cells[["extraction_strength", "exact_memorization"]].stack().between(0, 1).all()
+    calibration = pd.read_csv(results / "calibration.csv")
+    assert len(calibration) == len(SMOKE["UNLEARN_METHODS"]) * len(SMOKE["UNLEARN_SEEDS"])
+    assert summary["other_bar_metric"] == "retain_extraction_strength"
+    for bar in (SMOKE["BAR_METRIC"], "retain_extraction_strength"):
+        assert calibration[f"lambda_{bar}"].between(0, 1).all()
+    assert summary["other_bar"] == pytest.approx(SMOKE["RHO"] * summary["target_trace"]["retain_extraction_strength"])

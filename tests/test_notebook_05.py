@@ -80,4 +80,4 @@ def test_05_curves_coverage_and_figures(smoke_run):
     assert coverage["distribution"].nunique() == 5  # four textbook distributions and the model's scores
     for figure in ("05_sampled_vs_greedy", "05_mbin_share", "05_leak_at_k", "05_bounds_vs_n", "05_coverage"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 1000, figure
-    assert not (smoke_run["figures"] / "05_coverage.png").exists()  # only notebook 06 writes ../figures
+    assert not (smoke_run["figures"] / "05_coverage.png").exists()  # only notebook 07 writes ../figures

@@ -33,3 +33,21 @@ def test_notebook_is_clean_and_its_parameters_are_readable(notebook):
     for name, value in assigned.items():
         if name in CPU:
             assert value == CPU[name], (name, value, CPU[name])
+
+
+def test_every_colab_cell_and_badge_uses_the_one_repository_address():
+    """pyproject.toml's [project.urls] Repository is the one place for the address
+    (`python -m probunlearn.repository --set URL` rewrites the rest)."""
+    import re
+
+    from conftest import ROOT
+    from probunlearn.repository import address, colab_link, install_cell, is_install_cell
+
+    url = address()
+    assert re.fullmatch(r"https://github\.com/[^/]+/[^/]+", url)
+    for notebook in NOTEBOOKS:
+        cells = [c for c in json.loads(notebook.read_text())["cells"] if is_install_cell(c)]
+        assert len(cells) == 1 and "".join(cells[0]["source"]) == install_cell(url), notebook.name
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", readme)
+    assert sorted(links) == sorted(colab_link(url, nb.name) for nb in NOTEBOOKS)  # one badge per notebook, no stale one

@@ -11,7 +11,7 @@ import contextlib
 import json
 import random
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer", "author", "keywords")
 MIN_PERTURBED = 3
@@ -94,8 +94,8 @@ class _UniquePool:
         raise ValueError("ran out of distinct fact values for perturbed answers")
 
 
-def _pools(rng: random.Random) -> dict[str, _UniquePool]:
-    used: set[str] = set()  # one namespace for all pools: no value is ever shared
+def _pools(rng: random.Random, exclude: Iterable[str] = ()) -> dict[str, _UniquePool]:
+    used: set[str] = {v.lower() for v in exclude}  # one namespace for all pools: no value is ever shared
 
     def pool(make):
         return _UniquePool(rng, make, used)
@@ -219,7 +219,7 @@ def _fill(template: str, name: str, value: str) -> str:
     return template.format(n=name, v=value, av=f"{article} {value}")
 
 
-def fictitious_authors(num_authors: int, qa_per_author: int = 20, seed: int = 0):
+def fictitious_authors(num_authors: int, qa_per_author: int = 20, seed: int = 0, exclude: Iterable[str] = ()):
     """A seeded data set of invented authors in the TOFU schema (SPEC §1), as a `datasets.Dataset`.
 
     Every author gets `qa_per_author` questions about distinct facts (birthplace, birth date, genre,
@@ -227,7 +227,8 @@ def fictitious_authors(num_authors: int, qa_per_author: int = 20, seed: int = 0)
     combined from word lists and never shared between authors; each answer contains its fact value,
     which is the record's keyword; `perturbed_answer` holds 3 answers in the same template with
     other values from the same pool; `paraphrased_answer` states the same fact in other words.
-    The same arguments always give the same data set.
+    The same arguments always give the same data set. `exclude`: names and fact values (any case)
+    that no name, true fact or perturbed answer may use (`holdout_authors`).
     """
     from datasets import Dataset
 
@@ -236,7 +237,7 @@ def fictitious_authors(num_authors: int, qa_per_author: int = 20, seed: int = 0)
     if not 1 <= qa_per_author <= MAX_QA_PER_AUTHOR:
         raise ValueError(f"qa_per_author must be in 1..{MAX_QA_PER_AUTHOR}, got {qa_per_author}")
     rng = random.Random(seed)
-    pools = _pools(rng)
+    pools = _pools(rng, exclude)
     names = [pools["name"].draw() for _ in range(num_authors)]
     # First every author's true facts, so that no perturbed answer can name another author's fact.
     facts = [[(fact, pools[fact["pool"]].draw(), rng.randrange(len(fact["a"])))
@@ -261,6 +262,18 @@ def fictitious_authors(num_authors: int, qa_per_author: int = 20, seed: int = 0)
                 "fact": fact["key"],
             })
     return Dataset.from_list(records)
+
+
+HOLDOUT_SEED_OFFSET = 1_000_003  # holdout authors come from seed + this: a stream no profile's data uses
+
+
+def holdout_authors(trained, num_authors: int, qa_per_author: int = 20, seed: int = 0):
+    """Non-member authors for membership inference (SPEC §4): `num_authors` fictitious authors from
+    the same generator with the disjoint seed `seed + HOLDOUT_SEED_OFFSET`, whose names, facts and
+    perturbed answers use none of the names and keywords of `trained` (the data set the models were
+    fine-tuned on): a non-member shares no fact with any member."""
+    taken = set(trained["author"]) | {k for keywords in trained["keywords"] for k in keywords}
+    return fictitious_authors(num_authors, qa_per_author, seed + HOLDOUT_SEED_OFFSET, exclude=taken)
 
 
 @contextlib.contextmanager
@@ -391,7 +404,7 @@ def utility_set():
 # ----------------------------------------------------------------------------- TOFU
 TOFU_SPLITS = ("full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
                "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-               "real_authors_perturbed", "world_facts_perturbed")
+               "real_authors_perturbed", "world_facts_perturbed", "holdout01", "holdout05", "holdout10")
 
 
 def validate_records(records: Sequence[dict], source: str = "data", evaluation: bool = True) -> None:
@@ -496,15 +509,18 @@ def load_split(folder: str | Path, name: str):
 def make_splits(source: str = "generated", *, num_authors: int = 10, qa_per_author: int = 20,
                 forget_fraction: float = 0.1, seed: int = 0) -> dict:
     """All data a profile needs, by name: `all` (fine-tunes the target), `forget`, `retain`
-    (evaluation), `retain_train` (fine-tunes the retain model) and `utility` (real-world questions).
+    (evaluation), `retain_train` (fine-tunes the retain model), `utility` (real-world questions)
+    and `holdout` (non-members for membership inference: as many unseen authors as the forget set
+    has, `holdout_authors`; on TOFU its holdout01/05/10 split).
 
     source: `"generated"` (offline: `fictitious_authors` + our `utility_set`) or `"tofu"` (the hub;
     the forget split is TOFU's forget01/05/10 matching `forget_fraction`)."""
     if source == "generated":
         everything = fictitious_authors(num_authors, qa_per_author, seed)
         forget, retain = split_by_author(everything, forget_fraction, seed)
+        holdout = holdout_authors(everything, len(set(forget["author"])), qa_per_author, seed)
         return {"all": everything, "forget": forget, "retain": retain, "retain_train": retain,
-                "utility": utility_set()}
+                "utility": utility_set(), "holdout": holdout}
     if source == "tofu":
         from datasets import concatenate_datasets
 
@@ -513,5 +529,6 @@ def make_splits(source: str = "generated", *, num_authors: int = 10, qa_per_auth
             raise ValueError(f"TOFU has forget fractions 0.01, 0.05 and 0.1, not {forget_fraction}")
         return {"all": load_tofu("full"), "forget": load_tofu(f"forget{percent}_perturbed"),
                 "retain": load_tofu("retain_perturbed"), "retain_train": load_tofu(f"retain{100 - int(percent)}"),
-                "utility": concatenate_datasets([load_tofu("real_authors_perturbed"), load_tofu("world_facts_perturbed")])}
+                "utility": concatenate_datasets([load_tofu("real_authors_perturbed"), load_tofu("world_facts_perturbed")]),
+                "holdout": load_tofu(f"holdout{percent}")}
     raise ValueError(f"unknown data source {source!r}: use 'generated' (offline) or 'tofu' (hub)")

@@ -405,3 +405,91 @@ def split_data_from_tofu_log(log: Mapping) -> dict[str, np.ndarray | list]:
         values = [by_index[k] for k in sorted(by_index, key=int)]
         data[name] = values if name == "perturbed_nll" else np.asarray(values, dtype=float)
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-forced token statistics: Extraction Strength, Exact Memorization, and the inputs of the
+# membership-inference attacks (`probunlearn.privacy`)
+
+
+def answer_token_stats(model, tokenizer, questions, answers, *, batch_size: int = 32, trunk=None,
+                       distribution: bool = False) -> list[dict[str, np.ndarray]]:
+    """Per item, one value per scored answer token (the answer's tokens and the closing EOS, as in
+    `answer_nll`), teacher forced on `models.format_prompt(question)` + answer:
+
+    - `logprob`: log p(y_t | prompt, y_<t);
+    - `argmax`: True where the model's most likely next token is y_t;
+    - with `distribution=True` also `expected` (E_v[log p(v)]) and `std` (the standard deviation of
+      log p(v) with v drawn from the model's own next-token distribution), the standardisation of
+      Min-K%++ (Zhang et al. 2024, arXiv 2404.02936).
+
+    One padded forward pass per batch, the output head on answer positions only
+    (`models.answer_logits`); `trunk`: a `models.FrozenTrunk` of this model, so that the frozen
+    blocks below an adapter run once per sequence. Runs under no_grad in eval mode (restored).
+    """
+    import torch
+
+    from probunlearn.models import answer_logits, encode_qa, evaluating, model_device
+
+    questions, answers = list(questions), list(answers)
+    if len(questions) != len(answers):
+        raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        raise ValueError("answer_token_stats got no questions")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: list[dict[str, np.ndarray]] = []
+    device = model_device(model)
+    with evaluating(model):
+        for start in range(0, len(questions), batch_size):
+            batch = encode_qa(tokenizer, questions[start:start + batch_size], answers[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            packed = answer_logits(model, batch, trunk)
+            logp = torch.log_softmax(packed.logits.float(), dim=-1)
+            columns = {"logprob": logp.gather(1, packed.targets[:, None])[:, 0],
+                       "argmax": logp.argmax(dim=-1) == packed.targets}
+            if distribution:
+                p = logp.exp()
+                expected = (p * logp).sum(dim=-1)
+                columns["expected"] = expected
+                columns["std"] = ((p * logp.square()).sum(dim=-1) - expected.square()).clamp(min=0).sqrt()
+            rows = packed.rows.cpu().numpy()
+            columns = {k: v.cpu().numpy() for k, v in columns.items()}
+            for r in range(packed.num_rows):
+                keep = rows == r
+                out.append({k: v[keep] for k, v in columns.items()})
+    return out
+
+
+def extraction_strength_from_matches(argmax) -> float:
+    """1 - k*/|y| for one item from its teacher-forced argmax matches, one boolean per answer token
+    (`answer_token_stats(...)["argmax"]`; see `extraction_strength`)."""
+    misses = np.flatnonzero(~np.asarray(argmax, dtype=bool))
+    k_star = 0 if misses.size == 0 else int(misses[-1]) + 1
+    return 1.0 - k_star / len(argmax)
+
+
+def extraction_strength(model, tokenizer, questions, answers, *, batch_size: int = 32, trunk=None) -> np.ndarray:
+    """Extraction Strength per item ([P2] v2, Wang et al., ICLR 2025; SPEC §4): 1 - k*/|y|, with
+    k* the smallest number of answer tokens that, given after the prompt, let greedy decoding
+    reproduce the rest of the answer exactly (k* = |y| when no prefix does: ES 0; an answer
+    reproduced from the prompt alone: ES 1). |y| counts the answer's tokens and its closing EOS,
+    so "exactly" includes stopping.
+
+    Computed exactly in one teacher-forced pass, without decoding: greedy decoding from the prefix
+    y_<k reproduces y_k.. exactly if and only if the argmax at every position t >= k, given the
+    true prefix y_<t, is y_t (each greedy step then sees the true prefix again). So k* is one past
+    the last position whose argmax misses. [P2]'s code and OpenUnlearning search k with a loop
+    over prefixes of the same teacher-forced argmax (their loop stops at k = |y| - 1, so an item
+    that nothing reproduces scores 1/|y| there, 0 here). The tests compare this with a brute-force
+    search by real greedy decoding.
+    """
+    stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
+    return np.array([extraction_strength_from_matches(s["argmax"]) for s in stats])
+
+
+def exact_memorization(model, tokenizer, questions, answers, *, batch_size: int = 32, trunk=None) -> np.ndarray:
+    """Exact Memorization per item (Tirumala et al. 2022; SPEC §4): the share of answer positions
+    (answer tokens and EOS) whose teacher-forced argmax is the answer token."""
+    stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
+    return np.array([float(np.mean(s["argmax"])) for s in stats])

@@ -199,7 +199,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
 
     path = Path(str(name_or_path))
     if (path / META_FILE).exists() and not (path / "tokenizer_config.json").exists():
-        return load_tokenizer(_adapter_base(path))
+        return load_tokenizer(adapter_base(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(_resolve(name_or_path))
     except OSError as err:
@@ -236,21 +236,16 @@ def load_model(
     if (path / META_FILE).exists():  # a saved adapter: load its base, then merge the adapter in
         from peft import PeftModel
 
-        base, tokenizer = load_model(_adapter_base(path), quantization=quantization, dtype=dtype, device=device)
+        base, tokenizer = load_model(adapter_base(path), quantization=quantization, dtype=dtype, device=device)
         with _quiet_peft():
-            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+            model = merge_adapter(PeftModel.from_pretrained(base, str(path)))
         return model.eval(), tokenizer
 
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
     if quantization == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True,
-        )
+        kwargs["quantization_config"] = bnb_config("4bit", dtype)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(_resolve(name_or_path), **kwargs)
@@ -265,6 +260,93 @@ def load_model(
     return model.eval(), tokenizer
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def bnb_config(quantization: str, dtype: torch.dtype = torch.float32):
+    """The bitsandbytes settings of `quantization`: "4bit" is NF4 with double quantisation and
+    `dtype` compute (QLoRA, Dettmers et al. 2023); "8bit" is LLM.int8 (Dettmers et al. 2022)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_use_double_quant=True)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+
+
+class _CastNotice:
+    """A logging filter that drops bitsandbytes' per-call notice that LLM.int8 casts float32 inputs
+    to float16 (expected: that is how the 8-bit product works)."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float32):
+    """A bitsandbytes-quantised copy of a plain (merged) model, as a user would quantise a released
+    unlearned model (the quantisation attack of Zhang et al. 2024, arXiv 2410.16454): its weights
+    are written once to a temporary folder and reloaded with `bnb_config(quantization)`, so every
+    linear layer of the blocks is quantised, the unlearning update included. Runs on a CPU (slowly)
+    and on a GPU, on the model's device. The original model is not changed."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(model, "peft_config"):
+        raise ValueError("quantized_copy takes a plain model: merge the adapter first "
+                         "(load_model(adapter_dir) returns it merged, or models.merge_adapter(model))")
+    from transformers.utils import logging as hf_logging
+
+    config = bnb_config(quantization, dtype)
+    device = model_device(model)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards", "Loading weights": seconds of work
+    try:
+        with tempfile.TemporaryDirectory(prefix="probunlearn-quant-") as folder:
+            # written by hand (a GGUF-loaded model refuses save_pretrained; a fresh model costs a random init)
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+            if getattr(model.config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)  # tied to the embeddings: one copy on disk, as transformers writes it
+            save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(folder)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
+                                                             device_map={"": str(device)})
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if quantization == "8bit":  # LLM.int8 casts float32 inputs to float16 and logs it on every forward pass
+        import logging
+
+        bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _CastNotice) for f in bnb_logger.filters):
+            bnb_logger.addFilter(_CastNotice())
+    quantized.generation_config.pad_token_id = getattr(model.generation_config, "pad_token_id", None)
+    return quantized.eval()
+
+
+def quantization_code_change(reference, model) -> float:
+    """Share of the 4-bit NF4 codes that differ between two `quantized_copy(..., "4bit")` models
+    (e.g. the target and an unlearned model): 0 means quantisation maps both onto the same weights,
+    so the unlearning update was smaller than the quantisation step everywhere."""
+    import bitsandbytes as bnb
+
+    changed = total = 0
+    modules = dict(model.named_modules())
+    for name, module in reference.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            a, b = module.weight.data, modules[name].weight.data
+            for shift in (0, 4):
+                changed += int(((a >> shift) & 15).ne((b >> shift) & 15).sum())
+                total += a.numel()
+    if total == 0:
+        raise ValueError("no 4-bit layers: pass two quantized_copy(..., '4bit') models")
+    return changed / total
+
+
 def _hub_error(name_or_path, err: Exception) -> OSError:
     return OSError(
         f"could not load {str(name_or_path)!r}: it is not a local directory and the Hugging Face hub "
@@ -273,7 +355,9 @@ def _hub_error(name_or_path, err: Exception) -> OSError:
     )
 
 
-def _adapter_base(adapter_dir: Path) -> str:
+def adapter_base(adapter_dir: str | os.PathLike) -> str:
+    """The base model (path or id) a `save_adapter` directory sits on."""
+    adapter_dir = Path(adapter_dir)
     meta = json.loads((adapter_dir / META_FILE).read_text())
     base = meta["base"]
     local = adapter_dir / base
@@ -346,6 +430,19 @@ def save_adapter(model, path: str | os.PathLike, *, base: str | os.PathLike, ext
         base_str = os.path.relpath(Path(base_str).resolve(), path.resolve())
     (path / META_FILE).write_text(json.dumps({"base": base_str, **(extra or {})}, indent=2))
     return path
+
+
+def merge_adapter(model):
+    """`merge_and_unload()` of a peft model: the adapter added into the base weights, the plain
+    model returned. peft adds the update into `weight.data` in place, which changes neither the
+    tensor's address nor its version counter, so the packed copies of `OneDNNLinear` layers that
+    ran before the merge would be stale: they are dropped here, and rebuilt at the next forward."""
+    with _quiet_peft():
+        merged = model.merge_and_unload()
+    for module in merged.modules():
+        if isinstance(module, OneDNNLinear):
+            module.__dict__.pop("_onednn_packed", None)
+    return merged
 
 
 def load_adapter(model, path: str | os.PathLike, *, trainable: bool = False):

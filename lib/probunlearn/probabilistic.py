@@ -2,7 +2,7 @@
 n sampled answers per question, the per-question bounds M_bin, M_mu, M_sigma and the ED score,
 leak@k, how the bounds tighten with n, and a coverage simulation of every bound.
 
-Used by notebook 05 (and the figures of notebook 06, through the files it writes).
+Used by notebook 05 (and the figures of notebook 07, through the files it writes).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ order with papermill, then the time per notebook.
   interruption finished work is not redone, while a changed setting, notebook or library reruns
   that notebook and everything after it (notebook 02 also reuses its fine-tuned adapters when
   their settings and data are unchanged). `--force` reruns everything.
-- Notebook 06 writes every figure and table into `figures/` for the main (cpu) profile, and into
+- Notebook 07 writes every figure and table into `figures/` for the main (cpu) profile, and into
   `results/<profile>/figures_final/` for the others, so `figures/` only ever holds the cpu run.
 """
 

@@ -309,60 +309,73 @@ def trunk_answer_nll(model, tokenizer, questions, answers, trunk, *, batch_size:
     per sequence for every model that shares them (each evaluation of an unlearning run, each
     mixing weight), and the output head runs on answer positions only. The same numbers up to
     float rounding (the tests compare them)."""
-    from probunlearn.models import answer_logits, encode_qa, evaluating, model_device
+    from probunlearn.metrics import answer_token_stats
 
-    questions, answers = list(questions), list(answers)
-    out = np.empty(len(questions))
-    with evaluating(model):
-        for start in range(0, len(questions), batch_size):
-            batch = encode_qa(tokenizer, questions[start:start + batch_size], answers[start:start + batch_size])
-            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
-            packed = answer_logits(model, batch, trunk)
-            token_nll = torch.nn.functional.cross_entropy(packed.logits, packed.targets, reduction="none")
-            sums = torch.zeros(packed.num_rows, dtype=torch.float64).index_add_(0, packed.rows.cpu(), token_nll.cpu().double())
-            counts = torch.bincount(packed.rows.cpu(), minlength=packed.num_rows)
-            out[start:start + packed.num_rows] = (sums / counts).numpy()
-    return out
+    stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
+    return np.array([-float(np.mean(s["logprob"], dtype=np.float64)) for s in stats])
+
+
+# the likelihood numbers of a trace row, per split: all from one teacher-forced pass
+LIKELIHOOD_METRICS = ("nll", "extraction_strength", "exact_memorization")
+
+
+def likelihood_metrics(model, tokenizer, dataset, *, batch_size: int = 32, trunk=None) -> dict[str, np.ndarray]:
+    """Per question of `dataset`: answer NLL, Extraction Strength and Exact Memorization
+    (`metrics.extraction_strength`, `metrics.exact_memorization`), from one teacher-forced pass
+    (`metrics.answer_token_stats`, through `trunk` when given)."""
+    from probunlearn.metrics import answer_token_stats, extraction_strength_from_matches
+
+    stats = answer_token_stats(model, tokenizer, dataset["question"], dataset["answer"], batch_size=batch_size,
+                               trunk=trunk if trunk is not None and trunk.enabled else None)
+    return {"nll": np.array([-float(np.mean(s["logprob"], dtype=np.float64)) for s in stats]),
+            "extraction_strength": np.array([extraction_strength_from_matches(s["argmax"]) for s in stats]),
+            "exact_memorization": np.array([float(np.mean(s["argmax"])) for s in stats])}
 
 
 def trace_metrics(model, tokenizer, eval_sets: Mapping, *, max_new_tokens: int = 48, batch_size: int = 32,
-                  nll: bool = True, per_question: bool = False, trunk=None) -> dict:
+                  nll: bool = True, per_question: bool = False, trunk=None, greedy: bool = True) -> dict:
     """The numbers tracked during unlearning, per split of `eval_sets` (e.g. forget, retain):
-    `<split>_rouge_l_recall` and `<split>_keyword_hit` of greedy answers, and `<split>_nll`
-    (mean answer NLL). `per_question=True` adds the lists behind the means,
-    `<split>_rouge_l_recall_per_question` and `<split>_keyword_hit_per_question`, for statistics
-    over (seed, question) cells (`control.variant_cells`). `trunk`: a `models.FrozenTrunk` of this
-    model, for the NLLs (`trunk_answer_nll`: the frozen blocks run once per sequence, not once per
-    evaluation)."""
+    `<split>_rouge_l_recall` and `<split>_keyword_hit` of greedy answers, and (`nll=True`) the
+    teacher-forced `<split>_nll` (mean answer NLL), `<split>_extraction_strength` ([P2] v2) and
+    `<split>_exact_memorization` (`likelihood_metrics`). `per_question=True` adds the lists behind
+    the means, `<split>_<metric>_per_question`, for statistics over (seed, question) cells
+    (`control.variant_cells`). `trunk`: a `models.FrozenTrunk` of this model, for the
+    teacher-forced numbers (the frozen blocks run once per sequence, not once per evaluation).
+    `greedy=False` skips the decoding (a bar metric that needs only likelihoods)."""
     row = {}
-    for name, table in greedy_tables(model, tokenizer, eval_sets, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size).items():
-        row |= split_summary(name, table)
-        if per_question:
-            row[f"{name}_rouge_l_recall{PER_QUESTION}"] = table["rouge_l_recall"].round(6).tolist()
-            row[f"{name}_keyword_hit{PER_QUESTION}"] = table["keyword_hit"].tolist()
-    if nll and trunk is not None and trunk.enabled:
+    if greedy:
+        for name, table in greedy_tables(model, tokenizer, eval_sets, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size).items():
+            row |= split_summary(name, table)
+            if per_question:
+                row[f"{name}_rouge_l_recall{PER_QUESTION}"] = table["rouge_l_recall"].round(6).tolist()
+                row[f"{name}_keyword_hit{PER_QUESTION}"] = table["keyword_hit"].tolist()
+    if nll:
         for name, dataset in eval_sets.items():
-            row[f"{name}_nll"] = float(trunk_answer_nll(model, tokenizer, dataset["question"], dataset["answer"], trunk,
-                                                        batch_size=batch_size).mean())
-    elif nll:
-        for name, table in nll_tables(model, tokenizer, eval_sets, batch_size=batch_size).items():
-            row[f"{name}_nll"] = float(table["answer_nll"].mean())
+            for metric, values in likelihood_metrics(model, tokenizer, dataset, batch_size=batch_size,
+                                                     trunk=trunk).items():
+                row[f"{name}_{metric}"] = float(values.mean())
+                if per_question and metric != "nll":
+                    row[f"{name}_{metric}{PER_QUESTION}"] = values.round(6).tolist()
     return row
 
 
 def metric_scorer(tokenizer, eval_sets: Mapping, metric: str, *, max_new_tokens: int = 48,
-                  batch_size: int = 32) -> Callable:
+                  batch_size: int = 32, trunk=None) -> Callable:
     """`score(model) -> float`: one `trace_metrics` number (e.g. the bar metric
-    `retain_rouge_l_recall`), computing only the split it needs. Used by `choose_mixing`."""
+    `retain_rouge_l_recall`, or [P2] v2's `retain_extraction_strength`), computing only the split
+    it needs, and no decoding for a teacher-forced metric (`LIKELIHOOD_METRICS`; `trunk` serves
+    those). Used by `choose_mixing`."""
     split = next((name for name in eval_sets if metric.startswith(f"{name}_")), None)
     if split is None:
         raise ValueError(f"metric {metric!r} names none of the splits {', '.join(eval_sets)}; "
                          f"use e.g. 'retain_rouge_l_recall'")
 
+    likelihood = metric.endswith(tuple(f"_{m}" for m in LIKELIHOOD_METRICS))
+
     def score(model) -> float:
         row = trace_metrics(model, tokenizer, {split: eval_sets[split]}, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, nll=metric.endswith("_nll"))
+                            batch_size=batch_size, nll=likelihood, greedy=not likelihood, trunk=trunk)
         if metric not in row:
             raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(row)}")
         return row[metric]
@@ -386,6 +399,7 @@ def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratio
 
     - greedy `forget_/retain_/utility_rouge_l_recall` and `_keyword_hit`;
     - `utility_accuracy`: the true answer more likely than each wrong one (`evaluation.choice_accuracy`);
+    - `forget_/retain_extraction_strength` and `_exact_memorization` (`likelihood_metrics`);
     - `forget_truth_ratio` (mean min(R, 1/R)) and `forget_quality`: KS p-value against
       `retain_truth_ratios` (the retain model's truth ratios on the same forget questions,
       `forget_truth_ratios`);
@@ -416,6 +430,10 @@ def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratio
     row["forget_quality"] = forget_quality(ratios, retain_truth_ratios)
     row["forget_nll"] = float(np.mean(data["forget"]["answer_nll"]))
     row["retain_nll"] = float(np.mean(data["retain"]["answer_nll"]))
+    for name in ("forget", "retain"):
+        for metric, values in likelihood_metrics(model, tokenizer, splits[name], batch_size=batch_size).items():
+            if metric != "nll":
+                row[f"{name}_{metric}"] = float(values.mean())
     components = {f"mu_retain_{k}": v for k, v in split_scores("retain", data["retain"]).items()}
     # our utility set plays TOFU's real-world role (world facts): normalised Prob, answer as paraphrase
     components |= {f"mu_utility_{k}": v for k, v in split_scores("world_facts", utility).items()}

@@ -88,12 +88,12 @@ class VLLMSampler:
         directory beside it (`<base>/merged`), which vLLM loads."""
         from pathlib import Path
 
-        from probunlearn.models import META_FILE, _adapter_base, _resolve
+        from probunlearn.models import META_FILE, adapter_base, _resolve
 
         path = Path(str(path))
         if not (path / META_FILE).exists():
             return cls(_resolve(str(path)), tokenizer, **kwargs)
-        base = _adapter_base(path)
+        base = adapter_base(path)
         if (Path(base) / META_FILE).exists():
             base = str(merged_directory(Path(base)))
         else:

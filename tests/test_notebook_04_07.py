@@ -1,4 +1,4 @@
-"""Notebooks 04 (entropy optimisation, adaptive temperature in both readings, dynamics, seeds) and 06
+"""Notebooks 04 (entropy optimisation, adaptive temperature in both readings, dynamics, seeds) and 07
 (every figure), run by papermill on the smoke profile; asserts on what they recorded and wrote."""
 
 import json
@@ -11,11 +11,11 @@ from probunlearn.stats import VERDICTS
 from probunlearn.utils import load_profile
 
 SMOKE = load_profile("smoke")
-# what notebook 06 promises (its header table): every figure as PNG and PDF, every table as .md and .csv
-FIGURES = ["headline_greedy_vs_sampled", "bounds_vs_samples", "entropy_dynamics", "entropy_temperature",
+# what notebook 07 promises (its header table): every figure as PNG and PDF, every table as .md and .csv
+FIGURES = ["headline_greedy_vs_sampled", "bounds_vs_samples", "entropy_dynamics", "entropy_temperature", "attacks",
            "unlearning_curves", "forget_utility_tradeoff", "bound_coverage", "finetune_knowledge"]
 TABLES = ["table_finetune", "table_matched_utility", "table_matched_utility_verdicts", "table_probabilistic", "table_entropy",
-          "table_entropy_verdicts"]
+          "table_entropy_verdicts", "table_mixing_calibration", "table_attacks", "table_attacks_verdicts"]
 VARIANTS = ["baseline", "+ AT (entropy)", "+ AT (confidence)", "+ entropy", "+ entropy + AT (entropy)",
             "+ entropy + AT (confidence)"]
 
@@ -76,7 +76,7 @@ def test_04_dynamics_and_figures(smoke_run, entropy_dir):
         assert (smoke_run["results"] / "figures" / f"{figure}.png").stat().st_size > 1000
 
 
-def test_06_writes_every_figure_and_table_it_promises(smoke_run):
+def test_07_writes_every_figure_and_table_it_promises(smoke_run):
     figures = smoke_run["figures"]
     for name in FIGURES:
         for ext in ("png", "pdf"):
