@@ -191,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     model, tokenizer = build(files, args.device, args.small)
-    line("setup", True, f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
-         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M random weights in {model.dtype}", started)
+    results = [line("setup", True, f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+                    f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M random weights in {model.dtype}", started)]
     steps = 3 if args.small else 10
-    results = [check_finetune(model, tokenizer, steps)]
+    results.append(check_finetune(model, tokenizer, steps))
     if not args.no_4bit:
         results += [check_qlora(model, tokenizer, method, steps) for method in ("ga", "npo")]
     results += list(check_sampler(model, tokenizer, 400 if args.small else 4000))

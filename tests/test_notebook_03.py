@@ -97,8 +97,6 @@ def test_03_memorisation_and_privacy_columns(smoke_run, summary):
         target = table[table["method"] == "target"].iloc[0]
         assert target[f"privleak_{attack}"] == pytest.approx(
             (target[f"mia_auc_{attack}"] - retain[f"mia_auc_{attack}"]) / retain[f"mia_auc_{attack}"])
-    # the target memorised the forget authors: its LOSS attack tells them from the holdout authors
-    assert table.loc[table["method"] == "target", "mia_auc_loss"].iloc[0] > 0.6
     privacy = pd.read_csv(results / "privacy.csv")
     assert len(privacy) == 3 * len(SMOKE["UNLEARN_METHODS"]) * len(SMOKE["UNLEARN_SEEDS"])
     row = table[(table["method"] == "ga") & (table["variant"] == "uncontrolled")].iloc[0]
