@@ -28,8 +28,9 @@ reproduce: setup
 
 # JupyterLab on notebooks/, with the project's kernel (python3 of .venv); step through the cells by hand.
 # The notebooks write to results/cpu/ by default, as `make reproduce` does.
+# As root (a container), Jupyter refuses to start without --allow-root.
 lab: setup
-	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.
+	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Student copies for a course: every notebook with its solution regions (### BEGIN/END SOLUTION) stubbed.
 exercises: setup

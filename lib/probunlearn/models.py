@@ -140,7 +140,8 @@ class OneDNNLinear(torch.nn.Linear):
     default path for the model's shapes (`benchmarks/README.md`). The weights and every number are
     those of float32 products (the results differ from the default kernel by rounding only); any
     other case (GPU, another dtype, a trained weight) runs `nn.Linear`'s own forward. The packed
-    copies are rebuilt when the weight changes (e.g. an adapter merged into it)."""
+    copies are rebuilt when the weight is replaced or changed in place through the parameter; a
+    change through `weight.data` (peft's merge) is invisible to it: merge with `merge_adapter`."""
 
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.weight.data_ptr(), self.weight._version)
@@ -292,13 +293,13 @@ def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float
     and on a GPU, on the model's device. The original model is not changed."""
     import tempfile
 
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     if hasattr(model, "peft_config"):
         raise ValueError("quantized_copy takes a plain model: merge the adapter first "
                          "(load_model(adapter_dir) returns it merged, or models.merge_adapter(model))")
-    from transformers.utils import logging as hf_logging
-
     config = bnb_config(quantization, dtype)
     device = model_device(model)
     bars = hf_logging.is_progress_bar_enabled()
@@ -306,8 +307,6 @@ def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float
     try:
         with tempfile.TemporaryDirectory(prefix="probunlearn-quant-") as folder:
             # written by hand (a GGUF-loaded model refuses save_pretrained; a fresh model costs a random init)
-            from safetensors.torch import save_file
-
             state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
             if getattr(model.config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)  # tied to the embeddings: one copy on disk, as transformers writes it
