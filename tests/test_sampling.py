@@ -12,7 +12,8 @@ from scipy import stats
 
 from probunlearn import sampling
 from probunlearn.models import encode_prompt
-from tiny_lm import EOS, chi_square_p, exact_probs, tiny_model, tiny_tokenizer
+from probunlearn.stats import chi_square_p
+from tiny_lm import EOS, exact_probs, tiny_model, tiny_tokenizer
 
 QUESTIONS = ["hi", "what is the name of the author?", "where?", "Who wrote it, and when did they do it"]
 P_MIN = 1e-3  # chi-square: seeded, so a pass is deterministic; this level only guards against bugs

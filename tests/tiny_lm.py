@@ -1,6 +1,7 @@
 """A tiny random language model and a character tokenizer for fast unit tests of decoding
 (imported by test_sampling.py and test_probabilistic.py; pytest puts tests/ on sys.path), and the
-exact next-token reference and chi-square test that the samplers' tests share.
+exact next-token reference that the samplers' tests share (their chi-square test is
+`probunlearn.stats.chi_square_p`).
 
 The tokenizer has 64 tokens (4 special ones, then letters, space and punctuation) and no chat
 template, so prompts are "Question: {q}\\nAnswer: ". The model is a 2-layer Llama with grouped-query
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import string
 
-import numpy as np
 import torch
-from scipy import stats
 
 from probunlearn.models import encode_prompt
 
@@ -58,15 +57,3 @@ def exact_probs(model, tokenizer, question, continuation=(), temperature=1.0, to
     if top_p < 1:
         logits = TopPLogitsWarper(top_p)(ids, logits)
     return torch.softmax(logits, dim=-1)[0].double().numpy()
-
-
-def chi_square_p(counts, probs):
-    """Chi-square goodness of fit; categories with expected count < 5 are pooled."""
-    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
-    expected = probs * counts.sum()
-    assert counts[probs == 0].sum() == 0, "a token of probability 0 was sampled"
-    small = expected < 5
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    keep = exp > 0
-    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue

@@ -148,6 +148,19 @@ def distinct_n(samples: Sequence[str], n: int = 2) -> float:
 # likelihood metrics
 
 
+def _check_pairs(questions, answers, batch_size: int, name: str) -> tuple[list, list]:
+    """The (question, answer) lists of a likelihood metric, checked: as many of each, at least one,
+    a positive batch size."""
+    questions, answers = list(questions), list(answers)
+    if len(questions) != len(answers):
+        raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        raise ValueError(f"{name} got no questions")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return questions, answers
+
+
 def answer_nll(model, tokenizer, questions, answers, *, batch_size: int = 16) -> np.ndarray:
     """Per-item average negative log-likelihood of each answer given its question (token mean).
 
@@ -170,13 +183,7 @@ def answer_nll(model, tokenizer, questions, answers, *, batch_size: int = 16) ->
     from probunlearn.models import encode_answer, encode_prompt, evaluating
     from probunlearn.sampling import _kv_cache, cache_argument
 
-    questions, answers = list(questions), list(answers)
-    if len(questions) != len(answers):
-        raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")
-    if not questions:
-        raise ValueError("answer_nll got no questions")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    questions, answers = _check_pairs(questions, answers, batch_size, "answer_nll")
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -431,13 +438,7 @@ def answer_token_stats(model, tokenizer, questions, answers, *, batch_size: int 
 
     from probunlearn.models import answer_logits, encode_qa, evaluating, model_device
 
-    questions, answers = list(questions), list(answers)
-    if len(questions) != len(answers):
-        raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")
-    if not questions:
-        raise ValueError("answer_token_stats got no questions")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    questions, answers = _check_pairs(questions, answers, batch_size, "answer_token_stats")
     out: list[dict[str, np.ndarray]] = []
     device = model_device(model)
     with evaluating(model):
@@ -469,6 +470,14 @@ def extraction_strength_from_matches(argmax) -> float:
     return 1.0 - k_star / len(argmax)
 
 
+def token_summaries(stats: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per item of `answer_token_stats` output: `nll` (mean answer NLL), `extraction_strength` and
+    `exact_memorization`, the three numbers one teacher-forced pass gives."""
+    return {"nll": np.array([-float(np.mean(s["logprob"], dtype=np.float64)) for s in stats]),
+            "extraction_strength": np.array([extraction_strength_from_matches(s["argmax"]) for s in stats]),
+            "exact_memorization": np.array([float(np.mean(s["argmax"])) for s in stats])}
+
+
 def extraction_strength(model, tokenizer, questions, answers, *, batch_size: int = 32, trunk=None) -> np.ndarray:
     """Extraction Strength per item ([P2] v2, Wang et al., ICLR 2025; SPEC §4): 1 - k*/|y|, with
     k* the smallest number of answer tokens that, given after the prompt, let greedy decoding
@@ -485,11 +494,11 @@ def extraction_strength(model, tokenizer, questions, answers, *, batch_size: int
     search by real greedy decoding.
     """
     stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
-    return np.array([extraction_strength_from_matches(s["argmax"]) for s in stats])
+    return token_summaries(stats)["extraction_strength"]
 
 
 def exact_memorization(model, tokenizer, questions, answers, *, batch_size: int = 32, trunk=None) -> np.ndarray:
     """Exact Memorization per item (Tirumala et al. 2022; SPEC §4): the share of answer positions
     (answer tokens and EOS) whose teacher-forced argmax is the answer token."""
     stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
-    return np.array([float(np.mean(s["argmax"])) for s in stats])
+    return token_summaries(stats)["exact_memorization"]

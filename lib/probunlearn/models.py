@@ -285,12 +285,13 @@ class _CastNotice:
         return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
-def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float32):
-    """A bitsandbytes-quantised copy of a plain (merged) model, as a user would quantise a released
-    unlearned model (the quantisation attack of Zhang et al. 2024, arXiv 2410.16454): its weights
-    are written once to a temporary folder and reloaded with `bnb_config(quantization)`, so every
-    linear layer of the blocks is quantised, the unlearning update included. Runs on a CPU (slowly)
-    and on a GPU, on the model's device. The original model is not changed."""
+def quantized_copies(model, quantizations: Sequence[str], *, dtype: torch.dtype = torch.float32) -> dict:
+    """bitsandbytes-quantised copies of a plain (merged) model, {quantization: model}, as a user
+    would quantise a released unlearned model (the quantisation attack of Zhang et al. 2024, arXiv
+    2410.16454): its weights are written once to a temporary folder and reloaded with
+    `bnb_config(q)` for each q, so every linear layer of the blocks is quantised, the unlearning
+    update included. Runs on a CPU (slowly) and on a GPU, on the model's device. The original model
+    is not changed."""
     import tempfile
 
     from safetensors.torch import save_file
@@ -300,7 +301,7 @@ def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float
     if hasattr(model, "peft_config"):
         raise ValueError("quantized_copy takes a plain model: merge the adapter first "
                          "(load_model(adapter_dir) returns it merged, or models.merge_adapter(model))")
-    config = bnb_config(quantization, dtype)
+    configs = {q: bnb_config(q, dtype) for q in quantizations}
     device = model_device(model)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards", "Loading weights": seconds of work
@@ -311,20 +312,29 @@ def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float
             if getattr(model.config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)  # tied to the embeddings: one copy on disk, as transformers writes it
             save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+            del state
             model.config.save_pretrained(folder)
-            quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
-                                                             device_map={"": str(device)})
+            copies = {q: AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
+                                                              device_map={"": str(device)})
+                      for q, config in configs.items()}
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    if quantization == "8bit":  # LLM.int8 casts float32 inputs to float16 and logs it on every forward pass
+    if "8bit" in copies:  # LLM.int8 casts float32 inputs to float16 and logs it on every forward pass
         import logging
 
         bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
         if not any(isinstance(f, _CastNotice) for f in bnb_logger.filters):
             bnb_logger.addFilter(_CastNotice())
-    quantized.generation_config.pad_token_id = getattr(model.generation_config, "pad_token_id", None)
-    return quantized.eval()
+    for quantized in copies.values():
+        quantized.generation_config.pad_token_id = getattr(model.generation_config, "pad_token_id", None)
+        quantized.eval()
+    return copies
+
+
+def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float32):
+    """One `quantized_copies` copy: the model quantised with `bnb_config(quantization)`."""
+    return quantized_copies(model, [quantization], dtype=dtype)[quantization]
 
 
 def quantization_code_change(reference, model) -> float:

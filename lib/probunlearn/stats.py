@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-__all__ = ["mean_interval", "paired_verdict", "summarise_cells", "VERDICTS", "CONFIDENCE"]
+__all__ = ["mean_interval", "paired_verdict", "summarise_cells", "chi_square_p", "VERDICTS", "CONFIDENCE"]
 
 CONFIDENCE = 0.95
 VERDICTS = ("lower", "not lower", "inconclusive")
@@ -97,3 +97,19 @@ def summarise_cells(cells, by: Sequence[str], metrics: Sequence[str], *, confide
         row |= {"seeds": int(group["seed"].nunique()), "cells": int(len(group))}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def chi_square_p(counts, probs) -> float:
+    """p-value of a chi-square goodness of fit of observed `counts` per category (e.g. sampled first
+    tokens) to the exact probabilities `probs`; categories expected fewer than 5 times are pooled into
+    one. A category of probability 0 that was observed is an error, not a small p-value. The
+    exactness check of a sampler (tests/test_sampling.py, benchmarks/gpu_check.py)."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    if counts[probs == 0].sum() != 0:
+        raise ValueError("a category of probability 0 was observed (e.g. a token outside the nucleus was sampled)")
+    expected = probs * counts.sum()
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    keep = expected > 0
+    return float(stats.chisquare(observed[keep], expected[keep] * observed[keep].sum() / expected[keep].sum()).pvalue)

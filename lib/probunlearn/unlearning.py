@@ -309,10 +309,10 @@ def trunk_answer_nll(model, tokenizer, questions, answers, trunk, *, batch_size:
     per sequence for every model that shares them (each evaluation of an unlearning run, each
     mixing weight), and the output head runs on answer positions only. The same numbers up to
     float rounding (the tests compare them)."""
-    from probunlearn.metrics import answer_token_stats
+    from probunlearn.metrics import answer_token_stats, token_summaries
 
     stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
-    return np.array([-float(np.mean(s["logprob"], dtype=np.float64)) for s in stats])
+    return token_summaries(stats)["nll"]
 
 
 # the likelihood numbers of a trace row, per split: all from one teacher-forced pass
@@ -323,13 +323,11 @@ def likelihood_metrics(model, tokenizer, dataset, *, batch_size: int = 32, trunk
     """Per question of `dataset`: answer NLL, Extraction Strength and Exact Memorization
     (`metrics.extraction_strength`, `metrics.exact_memorization`), from one teacher-forced pass
     (`metrics.answer_token_stats`, through `trunk` when given)."""
-    from probunlearn.metrics import answer_token_stats, extraction_strength_from_matches
+    from probunlearn.metrics import answer_token_stats, token_summaries
 
     stats = answer_token_stats(model, tokenizer, dataset["question"], dataset["answer"], batch_size=batch_size,
                                trunk=trunk if trunk is not None and trunk.enabled else None)
-    return {"nll": np.array([-float(np.mean(s["logprob"], dtype=np.float64)) for s in stats]),
-            "extraction_strength": np.array([extraction_strength_from_matches(s["argmax"]) for s in stats]),
-            "exact_memorization": np.array([float(np.mean(s["argmax"])) for s in stats])}
+    return token_summaries(stats)
 
 
 def trace_metrics(model, tokenizer, eval_sets: Mapping, *, max_new_tokens: int = 48, batch_size: int = 32,
