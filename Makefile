@@ -3,6 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PROFILE ?= cpu
+# CPU_AS=avx2: cap torch's kernels at AVX2 (oneDNN, MKL, ATen), so that an AVX-512 machine times like an
+# AVX2-only one, e.g. `make reproduce CPU_AS=avx2` (the time goals are set for AVX2-only CPUs).
+ifeq ($(CPU_AS),avx2)
+export ONEDNN_MAX_CPU_ISA := AVX2
+export MKL_ENABLE_INSTRUCTIONS := AVX2
+export ATEN_CPU_CAPABILITY := avx2
+endif
 
 .PHONY: setup test reproduce lab exercises strip clean
 

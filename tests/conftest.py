@@ -1,8 +1,10 @@
-"""Shared test fixtures. The papermill run of all notebooks happens once per session (smoke profile,
-temporary results and figures folders) and every `test_notebook_*.py` asserts on what it recorded."""
+"""Shared test fixtures. The papermill run of all notebooks happens once per session and profile (smoke
+and tofu-smoke, temporary results and figures folders) and every `test_notebook_*.py` asserts on what it
+recorded."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,19 +35,53 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """Execute every notebook in order on the smoke profile, with the engine of `make reproduce`
-    (temporary results and figures folders); returns a dict with the results folder of the
-    profile, the figures folder, the executed notebooks and their wall times."""
-    from probunlearn.reproduce import run
+# The notebook runs of both profiles start together, each in its own process with one thread per kernel:
+# on 2 cores two single-threaded runs of these small workloads finish sooner than one after the other.
+RUN_PROFILES = ("smoke", "tofu-smoke")
 
-    out = tmp_path_factory.mktemp("smoke")
-    report = run("smoke", results_root=out / "results", figures_dir=out / "figures", notebook_dir=ROOT / "notebooks",
-                 progress=False)
-    results = out / "results" / "smoke"
-    seconds = {Path(name).stem: r["seconds"] for name, r in report.items()}
-    print("notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
-    return {"results": results, "figures": out / "figures", "executed": {Path(n).stem: results / "executed" / n
-                                                                        for n in report},
-            "seconds": seconds}
+
+@pytest.fixture(scope="session")
+def _profile_runs(tmp_path_factory):
+    """Execute every notebook in order on each of `RUN_PROFILES`, with the engine of `make reproduce`
+    (`python -m probunlearn.reproduce`, temporary results and figures folders), the profiles side by
+    side; returns {profile: {'results', 'figures', 'executed', 'seconds'}}."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started, runs = time.perf_counter(), {}
+    for profile in RUN_PROFILES:
+        out = tmp_path_factory.mktemp(profile)
+        log = (out / "reproduce.log").open("w")
+        command = [sys.executable, "-m", "probunlearn.reproduce", "--profile", profile, "--results-root",
+                   str(out / "results"), "--figures-dir", str(out / "figures")]
+        runs[profile] = (out, log, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    results = {}
+    for profile, (out, log, process) in runs.items():
+        process.wait()
+        log.close()
+        if process.returncode:
+            tail = (out / "reproduce.log").read_text()[-6000:]
+            pytest.fail(f"the {profile} notebooks failed (log: {out / 'reproduce.log'}):\n{tail}", pytrace=False)
+        executed = out / "results" / profile / "executed"
+        notebooks = sorted(executed.glob("*.ipynb"))
+        seconds = {nb.stem: json.loads((executed / f"{nb.stem}.done.json").read_text())["seconds"] for nb in notebooks}
+        print(f"{profile}: notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
+        results[profile] = {"results": out / "results" / profile, "figures": out / "figures",
+                            "executed": {nb.stem: nb for nb in notebooks}, "seconds": seconds}
+    print(f"notebooks of {', '.join(RUN_PROFILES)}: {time.perf_counter() - started:.0f} s side by side")
+    return results
+
+
+@pytest.fixture(scope="session")
+def smoke_run(_profile_runs):
+    """Every notebook on the smoke profile (generated data, plain weights)."""
+    return _profile_runs["smoke"]
+
+
+@pytest.fixture(scope="session")
+def tofu_smoke_run(_profile_runs):
+    """Every notebook on the tofu-smoke profile: the paper profile's code paths (TOFU-format files read
+    from disk, 4-bit QLoRA) at smoke sizes."""
+    return _profile_runs["tofu-smoke"]

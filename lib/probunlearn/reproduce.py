@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from probunlearn.utils import describe_machine, load_profile, results_dir
+from probunlearn.utils import PROFILES, describe_machine, load_profile, results_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parent
@@ -113,7 +113,7 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    parser.add_argument("--profile", default="cpu", choices=PROFILES)
     parser.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 04 05 06")
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when their results are up to date")
     parser.add_argument("--results-root", type=Path, help="default: results/ in the repository")

@@ -15,6 +15,7 @@ population of training runs. Used by notebooks 03, 04 and 05.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -30,10 +31,13 @@ _RESAMPLES = 4000
 def _bootstrap_interval(values: np.ndarray, confidence: float, seed: int) -> tuple[float, float]:
     if np.ptp(values) == 0:  # every cell equal: the interval is that value (the bootstrap is degenerate)
         return float(values[0]), float(values[0])
-    result = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=_RESAMPLES,
-                             method="BCa", random_state=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # BCa's failure on very skewed cells is handled below: no warning for it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", getattr(stats, "DegenerateDataWarning", RuntimeWarning))
+        result = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=_RESAMPLES,
+                                 method="BCa", random_state=np.random.default_rng(seed))
     low, high = result.confidence_interval
-    if not (np.isfinite(low) and np.isfinite(high)):  # BCa can fail on very skewed cells
+    if not (np.isfinite(low) and np.isfinite(high)):  # BCa can fail on very skewed cells: percentile instead
         result = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=_RESAMPLES,
                                  method="percentile", random_state=np.random.default_rng(seed))
         low, high = result.confidence_interval

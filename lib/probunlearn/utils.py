@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
-PROFILES = ("smoke", "cpu", "paper")
+PROFILES = ("smoke", "tofu-smoke", "cpu", "paper")
+# The settings that cap the instruction set torch's kernels use (`make ... CPU_AS=avx2` sets all three):
+# on an AVX-512 machine they give the timings of an AVX2-only one.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def set_seed(seed: int) -> None:
@@ -83,8 +86,8 @@ def _to_builtin(x: Any) -> Any:
 
 def machine() -> dict[str, Any]:
     """What this machine is, for every reported time: CPU model, its vector extensions that matter
-    for matrix work (AVX2, AVX-512, AVX512-BF16, AMX), whether torch multiplies bfloat16 natively
-    (else the default dtype is float32, about 2x slower per step), threads, and the torch version."""
+    for matrix work (AVX2, AVX-512, AVX512-BF16, AMX), whether bfloat16 is the faster dtype (AMX;
+    else the default dtype is float32), threads, and the torch version."""
     import platform
 
     import torch
@@ -102,7 +105,9 @@ def machine() -> dict[str, Any]:
     except OSError:  # not Linux: the flags stay unknown
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": name, "features": [f for f in wanted if f in flags], "native_bf16": cpu_has_bf16(),
+    # An instruction-set cap (e.g. ONEDNN_MAX_CPU_ISA=AVX2) makes an AVX-512 machine time like an AVX2-only one.
+    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+    return {"cpu": name, "features": [f for f in wanted if f in flags], "native_bf16": cpu_has_bf16(), "isa_caps": caps,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -110,7 +115,14 @@ def machine() -> dict[str, Any]:
 def describe_machine(info: dict[str, Any] | None = None) -> str:
     """One line naming the machine (`machine()`), as the reproduce engine and the benchmarks print it."""
     info = info or machine()
-    kind = "AMX/AVX512-BF16: bfloat16" if info["native_bf16"] else "no native bf16 (AVX2 class): float32"
+    if info["native_bf16"]:
+        kind = "AMX: bfloat16"
+    elif "avx512f" in info["features"]:
+        kind = "AVX-512, no AMX: float32"
+    else:
+        kind = "AVX2 class: float32"
+    if info.get("isa_caps"):
+        kind += ", capped by " + " ".join(f"{k}={v}" for k, v in info["isa_caps"].items())
     gpu = f", GPU {info['cuda']}" if info["cuda"] else ""
     return (f"{info['cpu']} ({', '.join(info['features']) or 'no AVX2'}; {kind}), {info['threads']} threads, "
             f"torch {info['torch']}{gpu}")
