@@ -3,7 +3,7 @@
 Workload: 8 questions x n = 64 answers x up to 48 new tokens on the embedded SmolLM2-135M-Instruct.
 - ours: `probunlearn.sampling.sample_answers` (batched over questions, prompt computed once per
   question, cache allocated once, finished rows dropped, weights in the default dtype: bfloat16 on a
-  CPU with AMX/AVX512-BF16);
+  CPU with AMX, else float32);
 - reference: `model.generate(do_sample=True, num_return_sequences=n)` one question at a time, float32
   weights in plain `torch.nn.Linear` layers (`PROBUNLEARN_ONEDNN=0` for its load: what a user of
   transformers gets), the same temperature and top-p (top-k switched off).
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of ours; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both runs (default: torch's)")
     parser.add_argument("--dtype", choices=["default", "float32", "bfloat16"], default="default",
-                        help="weights of our run (default: models.default_dtype, bfloat16 on this CPU)")
+                        help="weights of our run (default: models.default_dtype: bfloat16 with AMX, else float32)")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
     if args.threads:

@@ -2,7 +2,7 @@
 settings so that drifts of the machine hit all of them.
 
 Workload: the fine-tuning step of notebook 02 on the embedded SmolLM2-135M-Instruct in the default
-dtype (float32 on an AVX2-only CPU, bfloat16 with AMX/AVX512-BF16): batch 16 of generated author
+dtype (bfloat16 with AMX, else float32): batch 16 of generated author
 QA, LoRA r = 32, forward + backward, eager attention (`models.training_attention`). The settings:
 
 - `before`: SmolLM2's default system prompt, LoRA on every block, the output head on every position

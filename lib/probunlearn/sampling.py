@@ -56,7 +56,7 @@ random number. It saves little on a base model, whose samples part after a few t
 of the work on a fine-tuned model, which repeats a memorised answer in most samples
 (`benchmarks/README.md`). The key/value cache is allocated once (no concatenation per step);
 rows whose answers all ended are dropped once they are 1/16 of the batch. Weights run in the
-dtype they were loaded in (bfloat16 on a CPU with AMX/AVX512-BF16, see `models.default_dtype`);
+dtype they were loaded in (bfloat16 on a CPU with AMX, see `models.default_dtype`);
 the sampling math is float32 and float64.
 
 What "independent of batch_size" means in bfloat16: the random numbers of every answer and step
