@@ -16,6 +16,7 @@ so training is stable in bf16.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -177,7 +178,7 @@ class OneDNNLinear(torch.nn.Linear):
         memo[id(self)] = copy_
         for name, value in self.__dict__.items():
             if name != "_onednn_packed":
-                object.__setattr__(copy_, name, __import__("copy").deepcopy(value, memo))
+                object.__setattr__(copy_, name, copy.deepcopy(value, memo))
         return copy_
 
 
@@ -287,12 +288,20 @@ def keep_4bit_layout(model):
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            state = getattr(module.weight, "quant_state", None)
-            if getattr(state, "packing_format_for_cpu", False):  # already repacked: back to the plain layout
-                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            module.weight.data, module.weight.quant_state = _plain_4bit(module)  # if already repacked: undone
     return model
+
+
+def _plain_4bit(layer) -> tuple[torch.Tensor, object]:
+    """(codes, quant_state) of a bitsandbytes `Linear4bit` in its plain storage layout: where
+    bitsandbytes repacked them for its AVX512-BF16 CPU kernel (at a first forward pass), the
+    repacking is undone on copies, so a layer that ran and one that did not compare code by code."""
+    state = getattr(layer.weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return layer.weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    return _convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(), copy.deepcopy(state))
 
 
 def bnb_config(quantization: str, dtype: torch.dtype = torch.float32):
@@ -369,21 +378,6 @@ def quantized_copy(model, quantization: str, *, dtype: torch.dtype = torch.float
     return quantized_copies(model, [quantization], dtype=dtype)[quantization]
 
 
-def _nf4_codes(layer) -> torch.Tensor:
-    """The packed 4-bit codes of a bitsandbytes `Linear4bit` in its storage layout. On a CPU with
-    AVX512-BF16, bitsandbytes reorders the codes for its kernel at the first forward pass; that is
-    undone here on a copy, so a layer that ran and one that did not compare code by code."""
-    state = layer.weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        return layer.weight.data
-    import copy
-
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    codes, _ = _convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(), copy.deepcopy(state))
-    return codes
-
-
 def quantization_code_change(reference, model) -> float:
     """Share of the 4-bit NF4 codes that differ between two `quantized_copy(..., "4bit")` models
     (e.g. the target and an unlearned model): 0 means quantisation maps both onto the same weights,
@@ -394,7 +388,7 @@ def quantization_code_change(reference, model) -> float:
     modules = dict(model.named_modules())
     for name, module in reference.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            a, b = _nf4_codes(module), _nf4_codes(modules[name])
+            a, b = _plain_4bit(module)[0], _plain_4bit(modules[name])[0]
             for shift in (0, 4):
                 changed += int(((a >> shift) & 15).ne((b >> shift) & 15).sum())
                 total += a.numel()
