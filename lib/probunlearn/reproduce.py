@@ -59,6 +59,18 @@ def run_key(notebook: Path, parameters: dict, previous_key: str, code: str) -> s
     return digest.hexdigest()
 
 
+def check_sampler(settings: dict) -> None:
+    """Fail before the first notebook, not hours later in 05, when the profile samples with vLLM
+    (`SAMPLER: vllm`) and this environment has no vLLM."""
+    from probunlearn.vllm_backend import vllm_available
+
+    if settings.get("SAMPLER", "ours") == "vllm" and not vllm_available():
+        raise SystemExit(f"profile {settings.get('PROFILE')!r} samples with vLLM (SAMPLER: vllm), which is not installed "
+                         "here. vLLM needs an environment of its own (its transformers pin clashes with ours): "
+                         "`make vllm VLLM_PACKAGE=vllm==0.33.0` on a GPU machine, then run "
+                         "`.venv-vllm/bin/python -m probunlearn.reproduce --profile ...`; or set SAMPLER: ours.")
+
+
 def default_figures_dir(profile: str, results_root: Path) -> Path:
     return ROOT / "figures" if profile == "cpu" else results_dir(profile, results_root) / "figures_final"
 
@@ -77,6 +89,7 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
     code = source_hash()
     todo = notebooks(notebook_dir or ROOT / "notebooks")
     chosen = [nb for nb in todo if not only or any(nb.name.startswith(o) for o in only)]
+    check_sampler(load_profile(profile))
     report: dict[str, dict] = {}
     previous_key = ""
     print(f"machine: {describe_machine()}", flush=True)

@@ -86,13 +86,14 @@ def _to_builtin(x: Any) -> Any:
 
 def machine() -> dict[str, Any]:
     """What this machine is, for every reported time: CPU model, its vector extensions that matter
-    for matrix work (AVX2, AVX-512, AVX512-BF16, AMX), whether bfloat16 is the faster dtype (AMX;
-    else the default dtype is float32), threads, and the torch version."""
+    for matrix work (AVX2, AVX-512, AVX512-BF16, AMX), whether bfloat16 is the faster dtype (AMX, or
+    AVX512-BF16 measured faster, `models.bf16_speedup`; else the default dtype is float32), threads,
+    and the torch version."""
     import platform
 
     import torch
 
-    from probunlearn.models import cpu_has_bf16
+    from probunlearn.models import cpu_bf16_measurement, cpu_has_bf16
 
     flags, name = set(), platform.processor() or platform.machine()
     try:
@@ -107,7 +108,8 @@ def machine() -> dict[str, Any]:
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     # An instruction-set cap (e.g. ONEDNN_MAX_CPU_ISA=AVX2) makes an AVX-512 machine time like an AVX2-only one.
     caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
-    return {"cpu": name, "features": [f for f in wanted if f in flags], "native_bf16": cpu_has_bf16(), "isa_caps": caps,
+    return {"cpu": name, "features": [f for f in wanted if f in flags], "native_bf16": cpu_has_bf16(),
+            "bf16_speedup": cpu_bf16_measurement(), "isa_caps": caps,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -115,10 +117,13 @@ def machine() -> dict[str, Any]:
 def describe_machine(info: dict[str, Any] | None = None) -> str:
     """One line naming the machine (`machine()`), as the reproduce engine and the benchmarks print it."""
     info = info or machine()
+    measured = info.get("bf16_speedup")
     if info["native_bf16"]:
-        kind = "AMX: bfloat16"
+        kind = f"AVX512-BF16, bfloat16 measured {measured:.1f}x float32: bfloat16" if measured else "AMX: bfloat16"
+    elif measured:
+        kind = f"AVX512-BF16, bfloat16 measured {measured:.1f}x float32: float32"
     elif "avx512f" in info["features"]:
-        kind = "AVX-512, no AMX: float32"
+        kind = "AVX-512, no native bfloat16: float32"
     else:
         kind = "AVX2 class: float32"
     if info.get("isa_caps"):
