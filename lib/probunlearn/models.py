@@ -131,8 +131,9 @@ def _cpu_key() -> str:
                       if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         name = f"{fields.get('model name', name)} (family {fields.get('cpu family')}, model {fields.get('model')})"
-    caps = ",".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
-                    if os.environ.get(k))
+    from probunlearn.utils import ISA_CAPS
+
+    caps = ",".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
     return f"{name}|torch {torch.__version__}|{torch.get_num_threads()} threads|{caps}"
 
 

@@ -584,10 +584,12 @@ SAMPLERS = ("ours", "vllm")
 def load_sampler(path, *, sampler: str = "ours", quantization: str | None = None, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, lora: bool | None = None):
     """What to sample a model from (anything `models.load_model` takes): `(model, tokenizer)` for our
-    sampler, or `(engine, tokenizer)` for `sampler="vllm"`, an engine of `vllm_backend` that starts
-    once per base model (saved adapters become LoRA requests on it; `tensor_parallel_size` and
-    `data_parallel_size` go to vLLM). Either goes to `sample_answers`, `greedy_and_sampled_answers`
-    and `probabilistic.evaluate_model`, which give the same tables. `close_samplers()` shuts a vLLM
+    sampler, or `(engine, tokenizer)` for `sampler="vllm"`, an engine of `vllm_backend.shared_sampler`
+    in the dtype our sampler would use. On a GPU (`lora=None` or True) it starts once per base model
+    and saved adapters become LoRA requests on it; on a CPU, where vLLM's LoRA is slow, each adapter
+    is merged and gets an engine of its own. `tensor_parallel_size` and `data_parallel_size` go to
+    vLLM. Either goes to `sample_answers`, `greedy_answers`, `greedy_and_sampled_answers` and
+    `probabilistic.evaluate_model`, which give the same tables. `close_samplers()` shuts a vLLM
     engine down."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
