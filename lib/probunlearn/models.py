@@ -388,35 +388,15 @@ def bnb_config(quantization: str, dtype: torch.dtype = torch.float32):
     `dtype` compute (QLoRA, Dettmers et al. 2023); "8bit" is LLM.int8 (Dettmers et al. 2022)."""
     from transformers import BitsAndBytesConfig
 
-    _quiet_bitsandbytes()
+    from probunlearn.utils import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # already done at `import probunlearn`; again in case the filters were reset
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                   bnb_4bit_use_double_quant=True)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-
-
-class _BnbNotices:
-    """A logging filter that drops two bitsandbytes notices a reader cannot act on: LLM.int8's
-    per-call notice that it casts float32 inputs to float16 (that is how the 8-bit product works),
-    and, on CPUs with AVX512-BF16, that its optional kernel could not be fetched from the Hugging Face
-    hub (offline here; its plain kernels run instead)."""
-
-    NOTICES = ("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit_forward from kernels-community")
-
-    def filter(self, record) -> bool:
-        return not str(record.msg).startswith(self.NOTICES)
-
-
-def _quiet_bitsandbytes() -> None:
-    """Install `_BnbNotices` on the loggers that emit them (before bitsandbytes is first imported)."""
-    import logging
-
-    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _BnbNotices) for f in logger.filters):
-            logger.addFilter(_BnbNotices())
 
 
 def quantized_copies(model, quantizations: Sequence[str], *, dtype: torch.dtype = torch.float32) -> dict:

@@ -6,6 +6,7 @@ Used by every notebook; settings live in the profile YAML files (`probunlearn/pr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from importlib import resources
@@ -131,6 +132,27 @@ def describe_machine(info: dict[str, Any] | None = None) -> str:
     gpu = f", GPU {info['cuda']}" if info["cuda"] else ""
     return (f"{info['cpu']} ({', '.join(info['features']) or 'no AVX2'}; {kind}), {info['threads']} threads, "
             f"torch {info['torch']}{gpu}")
+
+
+class _BnbNotices:
+    """A logging filter that drops two bitsandbytes notices a reader cannot act on: LLM.int8's
+    per-call notice that it casts float32 inputs to float16 (that is how the 8-bit product works),
+    and, on CPUs with AVX512-BF16, that its optional kernel could not be fetched from the Hugging Face
+    hub (offline here; its plain kernels run instead)."""
+
+    NOTICES = ("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit_forward from kernels-community")
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def quiet_bitsandbytes() -> None:
+    """Install `_BnbNotices` on the loggers that emit them. `import probunlearn` does it, because peft
+    imports bitsandbytes when it is installed, and its CPU backend logs the kernel notice on import."""
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BnbNotices) for f in logger.filters):
+            logger.addFilter(_BnbNotices())
 
 
 def set_style() -> None:
