@@ -582,10 +582,10 @@ SAMPLERS = ("ours", "vllm")
 
 
 def load_sampler(path, *, sampler: str = "ours", quantization: str | None = None, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, lora: bool | None = None):
+                 data_parallel_size: int = 1, lora: bool | None = None, dtype: torch.dtype | None = None):
     """What to sample a model from (anything `models.load_model` takes): `(model, tokenizer)` for our
     sampler, or `(engine, tokenizer)` for `sampler="vllm"`, an engine of `vllm_backend.shared_sampler`
-    in the dtype our sampler would use. On a GPU (`lora=None` or True) it starts once per base model
+    in the dtype our sampler would use (`dtype`: another one, for both samplers). On a GPU (`lora=None` or True) it starts once per base model
     and saved adapters become LoRA requests on it; on a CPU, where vLLM's LoRA is slow, each adapter
     is merged and gets an engine of its own. `tensor_parallel_size` and `data_parallel_size` go to
     vLLM. Either goes to `sample_answers`, `greedy_answers`, `greedy_and_sampled_answers` and
@@ -596,14 +596,14 @@ def load_sampler(path, *, sampler: str = "ours", quantization: str | None = None
     if sampler == "ours":
         from probunlearn.models import load_model
 
-        return load_model(path, quantization=quantization)
+        return load_model(path, quantization=quantization, dtype=dtype)
     from probunlearn.models import default_device, default_dtype, load_tokenizer
     from probunlearn.vllm_backend import shared_sampler
 
     tokenizer = load_tokenizer(path)
-    dtype = str(default_dtype(default_device())).removeprefix("torch.")  # the weights our sampler would use
+    name = str(dtype or default_dtype(default_device())).removeprefix("torch.")  # the weights ours would use
     return shared_sampler(path, tokenizer, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
-                          data_parallel_size=data_parallel_size, lora=lora, dtype=dtype), tokenizer
+                          data_parallel_size=data_parallel_size, lora=lora, dtype=name), tokenizer
 
 
 def close_samplers() -> None:

