@@ -3,12 +3,19 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PROFILE ?= cpu
-# CPU_AS=avx2: cap torch's kernels at AVX2 (oneDNN, MKL, ATen), so that an AVX-512 machine times like an
-# AVX2-only one, e.g. `make reproduce CPU_AS=avx2` (the time goals are set for AVX2-only CPUs).
-ifeq ($(CPU_AS),avx2)
+# CPU_AS=avx2: cap torch's kernels at AVX2 (oneDNN, MKL, ATen), so that an AVX-512 machine runs the
+# float32 code of an AVX2-only one, e.g. `make reproduce CPU_AS=avx2` (the time goals are set for
+# AVX2-only CPUs). A recent CPU still does that work about twice as fast as an older AVX2-only one.
+# CPU_AS=avx2-slow: the same cap and one thread, a stand-in for the 2-core AVX2-only AMD EPYC whose
+# float32 matrix rate it matches (120 against 116 GFLOP/s on the AMD EPYC Zen 5); that EPYC took
+# 1.12-1.26x the stand-in's time on the two benchmarks (benchmarks/README.md).
+ifneq ($(filter avx2 avx2-slow,$(CPU_AS)),)
 export ONEDNN_MAX_CPU_ISA := AVX2
 export MKL_ENABLE_INSTRUCTIONS := AVX2
 export ATEN_CPU_CAPABILITY := avx2
+endif
+ifeq ($(CPU_AS),avx2-slow)
+export OMP_NUM_THREADS := 1
 endif
 
 .PHONY: setup test reproduce lab exercises strip clean vllm test-vllm
@@ -30,9 +37,11 @@ $(VENV)/.setup-done: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest
 
-# Runs every notebook in order on $(PROFILE) (default cpu) and regenerates figures/.
+# Runs every notebook in order on $(PROFILE) (default cpu) and regenerates figures/. SIZES=auto uses the
+# profile's slow-CPU sizes where this CPU's matrix products are slow (SIZES=full or slow chooses).
+SIZES ?= auto
 reproduce: setup
-	$(BIN)/python -m probunlearn.reproduce --profile $(PROFILE)
+	$(BIN)/python -m probunlearn.reproduce --profile $(PROFILE) --sizes $(SIZES)
 
 # JupyterLab on notebooks/, with the project's kernel (python3 of .venv); step through the cells by hand.
 # The notebooks write to results/cpu/ by default, as `make reproduce` does.

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from probunlearn.data import fictitious_authors
-from probunlearn.models import encode_prompt, load_model
+from probunlearn.models import encode_prompt, load_model, matrix_gflops
 from probunlearn.sampling import sample_token_ids
 
 SEED = 0  # data and sampling seed
@@ -73,28 +73,6 @@ def run_reference(model, tokenizer, questions, args) -> tuple[float, list[int]]:
     return time.perf_counter() - start, lengths
 
 
-def gemm_gflops(dtype=torch.float32, shape=(512, 576, 1536), repeats: int = 20) -> float:
-    """Best-of-`repeats` GFLOP/s of one (m x k) @ (k x n) product in `dtype`: the faster of the plain
-    product and, for float32, oneDNN's product with a packed weight (what our float32 models run)."""
-    from probunlearn.models import _onednn_available, _onednn_product
-
-    m, k, n = shape
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    products = [lambda: a @ b]
-    if dtype == torch.float32 and _onednn_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), 256)
-        products.append(lambda: _onednn_product(a, packed, None))
-    best = float("inf")
-    for product in products:
-        for _ in range(3):
-            product()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product()
-            best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=8)
@@ -129,7 +107,7 @@ def main() -> None:
     run_ours(model, tokenizer, questions[:1], argparse.Namespace(**{**vars(args), "samples": 2, "max_new_tokens": 2}))
     best, lengths = min(run_ours(model, tokenizer, questions, args) for _ in range(args.repeats))
     tokens = sum(lengths) + sum(n < args.max_new_tokens for n in lengths)  # + the EOS tokens
-    rate = gemm_gflops(dtype)
+    rate = matrix_gflops(dtype)
     achieved = tokens * 2 * params / best / 1e9
     label = "ours" if args.backend == "ours" else "vLLM"
     print(f"  {label:9} ({name}): {best:7.1f} s  "

@@ -51,3 +51,17 @@ def test_every_colab_cell_and_badge_uses_the_one_repository_address():
     readme = (ROOT / "README.md").read_text()
     links = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", readme)
     assert sorted(links) == sorted(colab_link(url, nb.name) for nb in NOTEBOOKS)  # one badge per notebook, no stale one
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_notebook_that_reads_a_slow_cpu_size_prints_the_note_that_says_it_was_changed(notebook):
+    """`reproduce` replaces the cpu profile's SLOW_CPU_SIZES on a slow CPU; a notebook reading one of
+    them must declare SIZES_NOTE and print it, so that its output says it ran smaller sizes."""
+    declared = set(pm.inspect_notebook(str(notebook)))
+    if not declared & set(CPU["SLOW_CPU_SIZES"]):
+        assert "SIZES_NOTE" not in declared
+        return
+    assert "SIZES_NOTE" in declared
+    code = [c for c in json.loads(notebook.read_text())["cells"]
+            if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
+    assert any("print(SIZES_NOTE)" in "".join(c["source"]) for c in code)

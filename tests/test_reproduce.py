@@ -67,3 +67,85 @@ def test_a_vllm_profile_fails_before_the_first_notebook_where_vllm_is_missing():
     else:
         with pytest.raises(SystemExit, match="make vllm"):
             check_sampler(load_profile("paper"))
+
+
+def _sized_profile(monkeypatch, **extra):
+    import probunlearn.reproduce as reproduce
+
+    settings = {"PROFILE": "smoke", "SEED": 0, "STEPS": 10, "SAMPLES": 16, "SLOW_CPU_GFLOPS": 150.0,
+                "SLOW_CPU_SIZES": {"STEPS": 5}, **extra}
+    monkeypatch.setattr(reproduce, "load_profile", lambda name: dict(settings))
+    return settings
+
+
+def test_slow_cpu_sizes_apply_below_the_profiles_rate_and_only_on_request_otherwise(monkeypatch):
+    import pytest
+
+    from probunlearn.reproduce import slow_cpu_sizes
+
+    settings = {"PROFILE": "cpu", "STEPS": 10, "SLOW_CPU_GFLOPS": 150, "SLOW_CPU_SIZES": {"STEPS": 5}}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    changed, why = slow_cpu_sizes(settings, "auto", rate=118.0)
+    assert changed == {"STEPS": 5} and "118 GFLOP/s" in why and "below" in why
+    changed, why = slow_cpu_sizes(settings, "auto", rate=230.0)
+    assert changed == {} and "full sizes" in why
+    assert slow_cpu_sizes(settings, "full", rate=10.0)[0] == {}
+    assert slow_cpu_sizes(settings, "slow", rate=1e6)[0] == {"STEPS": 5}
+    assert slow_cpu_sizes({"PROFILE": "smoke", "STEPS": 10}, "slow")[0] == {}  # a profile without slow sizes
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert slow_cpu_sizes(settings, "auto", rate=1.0)[0] == {}  # GPU runs keep the full sizes
+    with pytest.raises(ValueError, match="does not have: STEPZ"):
+        slow_cpu_sizes({**settings, "SLOW_CPU_SIZES": {"STEPZ": 5}}, "slow")
+    with pytest.raises(ValueError, match="sizes must be one of"):
+        slow_cpu_sizes(settings, "small")
+
+
+def test_the_cpu_profiles_slow_sizes_are_smaller_settings_it_has_and_its_measured_rate_is_positive():
+    from probunlearn.models import matrix_gflops
+    from probunlearn.utils import load_profile
+
+    cpu = load_profile("cpu")
+    slow = cpu["SLOW_CPU_SIZES"]
+    assert slow and set(slow) <= set(cpu) and cpu["SLOW_CPU_GFLOPS"] > 0
+    assert all(slow[k] != cpu[k] for k in slow)
+    assert matrix_gflops(repeats=2) > 0
+
+
+def test_a_notebook_gets_the_slow_sizes_it_reads_and_a_note_that_says_so(tmp_path, monkeypatch):
+    import pytest
+
+    from probunlearn.reproduce import run
+
+    _sized_profile(monkeypatch)
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name in ("01_reads.ipynb", "02_other.ipynb"):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        reads = "STEPS = 10\n" if name.startswith("01") else "SAMPLES = 16\n"
+        params = nbformat.v4.new_code_cell('RESULTS_ROOT = "../results"\n' + reads + 'SIZES_NOTE = ""')
+        params.metadata["tags"] = ["parameters"]
+        body = ("import json, pathlib\n"
+                f"pathlib.Path(RESULTS_ROOT, '{name}.json').write_text(json.dumps({{k: v for k, v in globals().items() "
+                "if k.isupper()}))")
+        nb.cells = [params, nbformat.v4.new_code_cell(body)]
+        nbformat.write(nb, notebooks / name)
+    root = tmp_path / "results"
+    kwargs = dict(profile="smoke", results_root=root, figures_dir=tmp_path / "figures", progress=False,
+                  notebook_dir=notebooks)
+    run(**kwargs, sizes="slow")
+    reads = json.loads((root / "01_reads.ipynb.json").read_text())
+    other = json.loads((root / "02_other.ipynb.json").read_text())
+    assert reads["STEPS"] == 5 and "STEPS 10 -> 5" in reads["SIZES_NOTE"]
+    assert other["SIZES_NOTE"] == ""  # it reads no changed setting: nothing to say
+    stamps = {name: json.loads((root / "smoke" / "executed" / f"{name}.done.json").read_text())
+              for name in ("01_reads", "02_other")}
+    assert stamps["01_reads"]["changed_settings"] == {"STEPS": 5} and stamps["02_other"]["changed_settings"] == {}
+    run(**kwargs, sizes="full")  # other settings: the notebooks rerun with the profile's own
+    assert json.loads((root / "01_reads.ipynb.json").read_text())["STEPS"] == 10
+    # a notebook that reads a changed setting must be able to say so
+    nb = nbformat.read(notebooks / "01_reads.ipynb", as_version=4)
+    nb.cells[0].source = 'RESULTS_ROOT = "../results"\nSTEPS = 10'
+    nbformat.write(nb, notebooks / "01_reads.ipynb")
+    with pytest.raises(ValueError, match="does not declare SIZES_NOTE"):
+        run(**kwargs, sizes="slow")

@@ -261,6 +261,34 @@ class OneDNNLinear(torch.nn.Linear):
         return copy_
 
 
+def matrix_gflops(dtype: torch.dtype | None = None, shape: tuple[int, int, int] = (512, 576, 1536),
+                  repeats: int = 20) -> float:
+    """This CPU's matrix-product rate in GFLOP/s for one (m x k) @ (k x n) product in `dtype` (default:
+    what `default_dtype` picks for the CPU), best of `repeats`: the faster of the plain product and,
+    in float32, oneDNN's product with a packed weight (what our float32 models run). The default
+    shape is SmolLM2's MLP product for 512 rows. `benchmarks/sampling.py` reports it, and
+    `reproduce` picks a profile's slow-CPU sizes from it (`SLOW_CPU_GFLOPS`)."""
+    import time
+
+    dtype = dtype or default_dtype("cpu")
+    m, k, n = shape
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=generator).to(dtype), torch.randn(k, n, generator=generator).to(dtype)
+    products = [lambda: a @ b]
+    if dtype == torch.float32 and _onednn_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), 256)
+        products.append(lambda: _onednn_product(a, packed, None))
+    best = float("inf")
+    for product in products:
+        for _ in range(3):
+            product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
 def use_onednn(model):
     """Turn every plain `nn.Linear` of a float32 CPU model into a `OneDNNLinear` (in place; a no-op
     when oneDNN's packed products are unavailable or `PROBUNLEARN_ONEDNN=0`). `load_model` calls it

@@ -10,6 +10,12 @@ order with papermill, then the time per notebook.
   their settings and data are unchanged). `--force` reruns everything.
 - Notebook 07 writes every figure and table into `figures/` for the main (cpu) profile, and into
   `results/<profile>/figures_final/` for the others, so `figures/` only ever holds the cpu run.
+- **Sizes for a slow CPU.** A profile may name `SLOW_CPU_SIZES`, settings that replace its own on a
+  CPU whose matrix-product rate (`models.matrix_gflops`, in the dtype the run uses) is below
+  `SLOW_CPU_GFLOPS`, so that the run keeps its time budget there (`--sizes auto`, the default;
+  `--sizes full` or `slow` chooses). The run prints the rate and every changed setting, and each
+  notebook that reads one receives them in `SIZES_NOTE` and prints it; the executed notebooks
+  record the settings they ran with.
 """
 
 from __future__ import annotations
@@ -32,13 +38,62 @@ def notebooks(folder: Path = ROOT / "notebooks") -> list[Path]:
     return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
-def parameters_for(notebook: Path, profile: str, results_root: Path, figures_dir: Path) -> dict:
-    """The profile's settings that `notebook` declares in its parameters cell, plus the folders."""
+SIZES = ("auto", "full", "slow")
+
+
+def slow_cpu_sizes(settings: dict, sizes: str = "auto", rate: float | None = None) -> tuple[dict, str]:
+    """(changed settings, why) for a run of a profile with `settings`: the profile's `SLOW_CPU_SIZES`
+    when `sizes` is "slow", or "auto" on a CPU (no GPU) whose matrix rate (`rate`, default measured
+    by `models.matrix_gflops`) is below the profile's `SLOW_CPU_GFLOPS`; else ({}, why)."""
+    if sizes not in SIZES:
+        raise ValueError(f"sizes must be one of {', '.join(SIZES)}, got {sizes!r}")
+    slow = dict(settings.get("SLOW_CPU_SIZES") or {})
+    unknown = sorted(set(slow) - set(settings))
+    if unknown:
+        raise ValueError(f"SLOW_CPU_SIZES of profile {settings.get('PROFILE')!r} names settings the profile "
+                         f"does not have: {', '.join(unknown)}")
+    if not slow:
+        return {}, "this profile has no slow-CPU sizes"
+    if sizes == "full":
+        return {}, "full sizes (--sizes full)"
+    if sizes == "slow":
+        return slow, "slow-CPU sizes chosen (--sizes slow)"
+    import torch
+
+    from probunlearn.models import default_dtype, matrix_gflops
+
+    if torch.cuda.is_available():
+        return {}, "full sizes: a GPU is present"
+    dtype = default_dtype("cpu")
+    rate = matrix_gflops(dtype) if rate is None else rate
+    threshold = float(settings["SLOW_CPU_GFLOPS"])
+    name = str(dtype).removeprefix("torch.")
+    if rate >= threshold:
+        return {}, f"full sizes: matrix products run at {rate:.0f} GFLOP/s in {name} here (slow-CPU sizes below {threshold:.0f})"
+    return slow, (f"slow-CPU sizes: matrix products run at {rate:.0f} GFLOP/s in {name} here, below this profile's "
+                  f"SLOW_CPU_GFLOPS of {threshold:.0f}, so the run keeps its time budget with smaller sizes "
+                  f"(`--sizes full` runs the full ones)")
+
+
+def parameters_for(notebook: Path, profile: str, results_root: Path, figures_dir: Path,
+                   changed: dict | None = None, why: str = "") -> dict:
+    """The profile's settings that `notebook` declares in its parameters cell, plus the folders;
+    `changed` (from `slow_cpu_sizes`) replaces some of them, and a notebook that reads a changed
+    setting gets `SIZES_NOTE`, a line saying which and why (it must declare SIZES_NOTE)."""
     import papermill as pm
 
     declared = pm.inspect_notebook(str(notebook))
-    settings = {**load_profile(profile), "RESULTS_ROOT": str(results_root), "FIGURES_DIR": str(figures_dir)}
-    return {k: v for k, v in settings.items() if k in declared}
+    profile_settings = load_profile(profile)
+    settings = {**profile_settings, **(changed or {}), "RESULTS_ROOT": str(results_root), "FIGURES_DIR": str(figures_dir)}
+    parameters = {k: v for k, v in settings.items() if k in declared}
+    mine = [k for k in (changed or {}) if k in declared]
+    if mine:
+        if "SIZES_NOTE" not in declared:
+            raise ValueError(f"{notebook.name} reads {', '.join(mine)}, which this run changes, but does not "
+                             "declare SIZES_NOTE to say so")
+        parameters["SIZES_NOTE"] = f"{why}: " + "; ".join(
+            f"{k} {profile_settings[k]!r} -> {changed[k]!r}" for k in mine)
+    return parameters
 
 
 def source_hash() -> str:
@@ -77,9 +132,10 @@ def default_figures_dir(profile: str, results_root: Path) -> Path:
 
 def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path | None = None,
         figures_dir: Path | None = None, force: bool = False, progress: bool = True,
-        notebook_dir: Path | None = None) -> dict[str, dict]:
+        notebook_dir: Path | None = None, sizes: str = "auto") -> dict[str, dict]:
     """Run the notebooks of `notebook_dir` (default: notebooks/; all, or those whose names start
-    with one of `only`) in order; returns {notebook name: {'seconds', 'cached'}}."""
+    with one of `only`) in order; returns {notebook name: {'seconds', 'cached'}}. `sizes`: see
+    `slow_cpu_sizes`."""
     import papermill as pm
 
     results_root = Path(results_root or ROOT / "results")
@@ -89,12 +145,15 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
     code = source_hash()
     todo = notebooks(notebook_dir or ROOT / "notebooks")
     chosen = [nb for nb in todo if not only or any(nb.name.startswith(o) for o in only)]
-    check_sampler(load_profile(profile))
+    settings = load_profile(profile)
+    check_sampler(settings)
     report: dict[str, dict] = {}
     previous_key = ""
     print(f"machine: {describe_machine()}", flush=True)
+    changed, why = slow_cpu_sizes(settings, sizes)
+    print(why + "".join(f"\n  {k}: {settings[k]!r} -> {v!r}" for k, v in changed.items()), flush=True)
     for i, nb in enumerate(todo, 1):
-        parameters = parameters_for(nb, profile, results_root, figures_dir)
+        parameters = parameters_for(nb, profile, results_root, figures_dir, changed, why)
         key = run_key(nb, parameters, previous_key, code)
         previous_key = key
         if nb not in chosen:
@@ -112,7 +171,9 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
                             kernel_name="python3", progress_bar=progress)
         seconds = time.perf_counter() - start
         stamp.write_text(json.dumps({"key": key, "seconds": seconds, "profile": profile,
-                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                     "changed_settings": {k: v for k, v in changed.items() if k in parameters}},
+                                    indent=1))
         report[nb.name] = {"seconds": seconds, "cached": False}
     print("\nwall time per notebook:")
     for name, r in report.items():
@@ -131,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun notebooks even when their results are up to date")
     parser.add_argument("--results-root", type=Path, help="default: results/ in the repository")
     parser.add_argument("--figures-dir", type=Path, help="default: figures/ (cpu) or results/<profile>/figures_final/")
+    parser.add_argument("--sizes", default="auto", choices=SIZES,
+                        help="auto: the profile's slow-CPU sizes where this CPU's matrix products are slow; full; slow")
     args = parser.parse_args(argv)
-    run(args.profile, args.only, results_root=args.results_root, figures_dir=args.figures_dir, force=args.force)
+    run(args.profile, args.only, results_root=args.results_root, figures_dir=args.figures_dir, force=args.force,
+        sizes=args.sizes)
     return 0
 
 
