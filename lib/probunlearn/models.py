@@ -26,7 +26,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -137,29 +137,31 @@ def _cpu_key() -> str:
     return f"{name}|torch {torch.__version__}|{torch.get_num_threads()} threads|{caps}"
 
 
+def _best_seconds(product: Callable[[], object], repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `product`, after 3 warm-up calls."""
+    import time
+
+    for _ in range(3):
+        product()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.cache
 def bf16_speedup() -> float:
     """float32 time / bfloat16 time of the model's matrix products on this CPU (> 1: bfloat16 is
     faster), measured once per CPU, torch version, thread count and ISA cap (~0.5 s) and kept in
     `cache_dir()/cpu_bf16.json`, so every process of a run makes the same choice."""
-    import time
-
     path, key = cache_dir() / "cpu_bf16.json", _cpu_key()
     table = {}
     with contextlib.suppress(OSError, ValueError):
         table = json.loads(path.read_text())
     if key in table:
         return float(table[key])
-
-    def best(product) -> float:
-        for _ in range(3):
-            product()
-        times = []
-        for _ in range(10):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times)
 
     total = {torch.float32: 0.0, torch.bfloat16: 0.0}
     with torch.no_grad():
@@ -168,9 +170,9 @@ def bf16_speedup() -> float:
             fp32 = (OneDNNLinear if _onednn_available() else torch.nn.Linear)(inner, outer, bias=False)
             fp32.weight.copy_(w)
             fp32.requires_grad_(False)
-            total[torch.float32] += best(lambda: fp32(x))
+            total[torch.float32] += _best_seconds(lambda: fp32(x), 10)
             xb, wb = x.bfloat16(), w.bfloat16()
-            total[torch.bfloat16] += best(lambda: torch.nn.functional.linear(xb, wb))
+            total[torch.bfloat16] += _best_seconds(lambda: torch.nn.functional.linear(xb, wb), 10)
     speedup = total[torch.float32] / total[torch.bfloat16]
     table[key] = round(speedup, 3)
     with contextlib.suppress(OSError):
@@ -268,8 +270,6 @@ def matrix_gflops(dtype: torch.dtype | None = None, shape: tuple[int, int, int] 
     in float32, oneDNN's product with a packed weight (what our float32 models run). The default
     shape is SmolLM2's MLP product for 512 rows. `benchmarks/sampling.py` reports it, and
     `reproduce` picks a profile's slow-CPU sizes from it (`SLOW_CPU_GFLOPS`)."""
-    import time
-
     dtype = dtype or default_dtype("cpu")
     m, k, n = shape
     generator = torch.Generator().manual_seed(0)
@@ -278,15 +278,7 @@ def matrix_gflops(dtype: torch.dtype | None = None, shape: tuple[int, int, int] 
     if dtype == torch.float32 and _onednn_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), 256)
         products.append(lambda: _onednn_product(a, packed, None))
-    best = float("inf")
-    for product in products:
-        for _ in range(3):
-            product()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product()
-            best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
+    return 2 * m * k * n / min(_best_seconds(product, repeats) for product in products) / 1e9
 
 
 def use_onednn(model):
