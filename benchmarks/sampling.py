@@ -13,12 +13,19 @@ product, the shape of a decoding step's MLP, best of 20, plain or oneDNN-packed,
 faster) and prints the share of it that our run reaches, counting 2 x (parameters) FLOPs per
 decoded token: the floor no sampler without shared prefixes can go below on this CPU.
 
+With `--profile`, one more run of ours goes through `torch.profiler` and the script prints where its
+time goes: matrix products with the weights, attention over the cache, the rest of the model's
+forward pass (norms, rotary embeddings, activations, cache writes, Python inside it), drawing the
+tokens (softmax, nucleus, race) and the decoding loop around them (cache rows copied for prefix
+sharing, bookkeeping, Python). `--attention eager` times transformers' eager attention instead of
+its fused one (sdpa).
+
 With `--backend vllm` (run it with the vLLM environment's python, `make vllm`: .venv-vllm/bin/python)
 the same workload goes through `vllm_backend.VLLMSampler` instead of ours; its engine start is timed apart.
 
 Run: python benchmarks/sampling.py [--questions 8] [--samples 64] [--max-new-tokens 48]
      [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--dtype D]
-     [--skip-reference] [--backend ours|vllm]
+     [--skip-reference] [--backend ours|vllm] [--profile] [--attention sdpa|eager]
 Prints both wall times, the ratio (goal: ours >= 5x faster on a 2-core CPU) and, as a check that the
 fast run samples the same distribution, the mean answer length of both.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -54,6 +62,55 @@ def run_ours(model, tokenizer, questions, args) -> tuple[float, list[int]]:
                            batch_size=args.batch_size, progress=False)
     seconds = time.perf_counter() - start
     return seconds, [len(r) for rows in ids for r in rows]
+
+
+MATRIX_OPS = {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"}
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::bmm")
+FORWARD, DRAW = "model forward", "drawing the tokens"
+PARTS = ("matrix products (weights)", "attention over the cache", "rest of the forward pass",
+         "drawing the tokens (softmax, nucleus, race)", "decoding loop (cache row copies, bookkeeping, Python)")
+
+
+def profile_ours(model, tokenizer, questions, args) -> tuple[float, dict[str, float]]:
+    """One run of ours under torch.profiler: its wall time and the share of it in each of PARTS.
+    Each operator's own time goes to the part of the labelled call it runs in (the model's forward
+    pass, `sampling._draw`); time outside every operator is Python, counted where it runs."""
+    import probunlearn.sampling as sampling
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(label, function):
+        def call(*a, **k):
+            with record_function(label):
+                return function(*a, **k)
+        return call
+
+    draw = sampling._draw
+    sampling._draw, model.forward = labelled(DRAW, draw), labelled(FORWARD, model.forward)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds, _ = run_ours(model, tokenizer, questions, args)
+    finally:
+        sampling._draw = draw
+        del model.forward  # the class's method again
+    spent = Counter()
+    for event in prof.events():
+        label = event.name if event.name in (FORWARD, DRAW) else None
+        parent = event.cpu_parent
+        while label is None and parent is not None:
+            label = parent.name if parent.name in (FORWARD, DRAW) else None
+            parent = parent.cpu_parent
+        if label == DRAW:
+            part = PARTS[3]
+        elif label == FORWARD and event.name in MATRIX_OPS:
+            part = PARTS[0]
+        elif label == FORWARD and any(name in event.name for name in ATTENTION_OPS):
+            part = PARTS[1]
+        else:
+            part = PARTS[2] if label == FORWARD else PARTS[4]
+        spent[part] += event.self_cpu_time_total / 1e6
+    spent[PARTS[4]] += max(seconds - sum(spent.values()), 0.0)  # Python outside every operator and label
+    total = sum(spent.values())
+    return seconds, {part: spent[part] / total for part in PARTS}
 
 
 @torch.inference_mode()
@@ -87,6 +144,9 @@ def main() -> None:
                         help="weights of our run (default: models.default_dtype: bfloat16 with AMX, else float32)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--backend", choices=["ours", "vllm"], default="ours", help="the sampler timed as 'ours'")
+    parser.add_argument("--profile", action="store_true", help="one more run of ours, profiled: where its time goes")
+    parser.add_argument("--attention", choices=["sdpa", "eager"], default=None,
+                        help="transformers' attention for ours (default: the model's, sdpa)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +155,8 @@ def main() -> None:
     print(f"{len(questions)} questions x n={args.samples} x <= {args.max_new_tokens} new tokens, "
           f"T={args.temperature}, top-p={args.top_p}, {torch.get_num_threads()} threads")
     model, tokenizer = load_model("smollm2-135m", dtype=None if args.dtype == "default" else getattr(torch, args.dtype))
+    if args.attention:
+        model.set_attn_implementation(args.attention)
     dtype, params = model.dtype, sum(p.numel() for p in model.parameters())
     name = str(dtype).removeprefix("torch.")
     if args.backend == "vllm":
@@ -115,6 +177,12 @@ def main() -> None:
     print(f"  matrix products in {name}: {rate:.0f} GFLOP/s on this machine; {label} reaches "
           f"{achieved:.0f} GFLOP/s ({achieved / rate:.0%}) at 2 x {params / 1e6:.0f} M FLOPs per token, so the "
           f"floor for this workload is {tokens * 2 * params / rate / 1e9:.1f} s")
+    if args.profile and args.backend == "ours":
+        seconds, shares = profile_ours(model, tokenizer, questions, args)
+        print(f"  where the time goes (one more run of ours, profiled: {seconds:.1f} s, "
+              f"attention {model.config._attn_implementation}):")
+        for part, share in shares.items():
+            print(f"    {part:55} {share:6.1%}")
     if args.skip_reference:
         return
     del model

@@ -1,0 +1,33 @@
+"""The sampling benchmark's profile (benchmarks/sampling.py --profile), on the tiny model: it splits
+a run of our sampler into its parts and leaves the sampler and the model as they were."""
+
+import argparse
+import importlib.util
+
+import pytest
+
+import probunlearn.sampling as sampling
+from conftest import ROOT
+from tiny_lm import tiny_model, tiny_tokenizer
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("sampling_benchmark", ROOT / "benchmarks" / "sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_splits_a_run_into_its_parts_and_restores_the_sampler():
+    benchmark = load_benchmark()
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    draw, forward = sampling._draw, model.forward
+    args = argparse.Namespace(samples=16, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=None)
+    seconds, shares = benchmark.profile_ours(model, tokenizer, ["who", "what is it"], args)
+    assert seconds > 0
+    assert list(shares) == list(benchmark.PARTS)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert all(share >= 0 for share in shares.values())
+    # every part of decoding shows up: the model's products and attention, the draws, the loop around them
+    assert all(share > 0 for share in shares.values()), shares
+    assert sampling._draw is draw and "forward" not in vars(model) and model.forward == forward
