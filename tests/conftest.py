@@ -69,7 +69,8 @@ def _profile_runs(tmp_path_factory):
         seconds = {nb.stem: json.loads((executed / f"{nb.stem}.done.json").read_text())["seconds"] for nb in notebooks}
         print(f"{profile}: notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
         results[profile] = {"results": out / "results" / profile, "figures": out / "figures",
-                            "executed": {nb.stem: nb for nb in notebooks}, "seconds": seconds}
+                            "executed": {nb.stem: nb for nb in notebooks}, "seconds": seconds,
+                            "log": out / "reproduce.log"}
     print(f"notebooks of {', '.join(RUN_PROFILES)}: {time.perf_counter() - started:.0f} s side by side")
     return results
 

@@ -87,3 +87,13 @@ def test_executed_notebooks_carry_no_warnings(request, run):
         text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
         warned = [line for line in text.splitlines() if "Warning" in line or "WARNING" in line]
         assert not warned, (name, warned[:3])
+
+
+@pytest.mark.parametrize("run", ["smoke_run", "tofu_smoke_run"])
+def test_the_run_itself_prints_no_warning(request, run):
+    """What `make reproduce` prints around the notebooks (the kernels' own output included) carries no
+    warning either: in particular not ipykernel's "running over TCP without encryption"."""
+    log = request.getfixturevalue(run)["log"].read_text()
+    warned = [line for line in log.splitlines() if "Warning" in line or "WARNING" in line]
+    assert not warned, warned[:3]
+    assert "without encryption" not in log

@@ -75,6 +75,18 @@ def slow_cpu_sizes(settings: dict, sizes: str = "auto", rate: float | None = Non
                   f"(`--sizes full` runs the full ones)")
 
 
+def kernel_config():
+    """Jupyter settings for the kernels that run the notebooks: the kernel manager gives each kernel
+    CurveZMQ keys, so that the kernel and papermill talk over encrypted sockets. Without them,
+    ipykernel >= 7.4 warns at every start that it "is running over TCP without encryption". The
+    kernel spec that `ipykernel install` writes declares Curve support. Where pyzmq was built
+    without Curve, the kernels run as before, and they print that warning."""
+    import zmq
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport_encryption": "auto" if zmq.has("curve") else "disabled"}})
+
+
 def parameters_for(notebook: Path, profile: str, results_root: Path, figures_dir: Path,
                    changed: dict | None = None, why: str = "") -> dict:
     """The profile's settings that `notebook` declares in its parameters cell, plus the folders;
@@ -168,7 +180,7 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         start = time.perf_counter()
         pm.execute_notebook(str(nb), str(executed / nb.name), parameters=parameters, cwd=str(nb.parent),
-                            kernel_name="python3", progress_bar=progress)
+                            kernel_name="python3", progress_bar=progress, config=kernel_config())
         seconds = time.perf_counter() - start
         stamp.write_text(json.dumps({"key": key, "seconds": seconds, "profile": profile,
                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
