@@ -19,7 +19,7 @@ ifeq ($(CPU_AS),avx2-slow)
 export OMP_NUM_THREADS := 1
 endif
 
-.PHONY: setup lock test test-latest reproduce lab exercises strip clean vllm test-vllm
+.PHONY: setup lock test test-fast test-latest reproduce lab exercises strip clean vllm test-vllm
 
 # The environment: torch, then the rest at exactly the versions of a lock file ($(call install,VENV,LOCK)).
 # torch is installed only when it is not importable there (the local CPU wheel, never the CUDA build;
@@ -59,6 +59,10 @@ $(VENV)/.setup-done: pyproject.toml requirements.lock
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Everything but the tests that read the notebooks' papermill runs (marker `notebooks`): a few minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not notebooks"
 
 # Move the lock on purpose: resolve the newest versions inside the ranges, install them in .venv and run
 # the whole suite there (`make test`). Commit requirements.lock only when that passed (git checkout

@@ -19,7 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
-from probunlearn.data import fictitious_authors, load_split
+from probunlearn.authors import fictitious_authors
+from probunlearn.data import load_split
 from probunlearn.models import load_model
 from probunlearn.probabilistic import spread_subset
 from probunlearn.temperature import evaluate_adaptive

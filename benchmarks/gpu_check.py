@@ -96,8 +96,9 @@ def check_finetune(model, tokenizer, steps: int) -> bool:
 
 
 def check_qlora(model, tokenizer, method: str, steps: int) -> bool:
-    from probunlearn.metrics import answer_nll
-    from probunlearn.models import add_lora, quantized_copy
+    from probunlearn.likelihood import answer_nll
+    from probunlearn.models import add_lora
+    from probunlearn.quantization import quantized_copy
     from probunlearn.unlearning import unlearn
 
     started = time.perf_counter()

@@ -40,8 +40,10 @@ from collections import Counter
 import numpy as np
 import torch
 
-from probunlearn.data import fictitious_authors
-from probunlearn.models import encode_prompt, load_model, matrix_gflops
+from probunlearn import draws
+from probunlearn.authors import fictitious_authors
+from probunlearn.hardware import matrix_gflops
+from probunlearn.models import encode_prompt, load_model
 from probunlearn.sampling import sample_token_ids
 
 SEED = 0  # data and sampling seed
@@ -74,8 +76,7 @@ PARTS = ("matrix products (weights)", "attention over the cache", "rest of the f
 def profile_ours(model, tokenizer, questions, args) -> tuple[float, dict[str, float]]:
     """One run of ours under torch.profiler: its wall time and the share of it in each of PARTS.
     Each operator's own time goes to the part of the labelled call it runs in (the model's forward
-    pass, `sampling._draw`); time outside every operator is Python, counted where it runs."""
-    import probunlearn.sampling as sampling
+    pass, `draws.draw`); time outside every operator is Python, counted where it runs."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def labelled(label, function):
@@ -84,13 +85,13 @@ def profile_ours(model, tokenizer, questions, args) -> tuple[float, dict[str, fl
                 return function(*a, **k)
         return call
 
-    draw = sampling._draw
-    sampling._draw, model.forward = labelled(DRAW, draw), labelled(FORWARD, model.forward)
+    draw = draws.draw
+    draws.draw, model.forward = labelled(DRAW, draw), labelled(FORWARD, model.forward)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             seconds, _ = run_ours(model, tokenizer, questions, args)
     finally:
-        sampling._draw = draw
+        draws.draw = draw
         del model.forward  # the class's method again
     spent = Counter()
     for event in prof.events():
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of ours; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both runs (default: torch's)")
     parser.add_argument("--dtype", choices=["default", "float32", "bfloat16"], default="default",
-                        help="weights of our run (default: models.default_dtype: bfloat16 with AMX, else float32)")
+                        help="weights of our run (default: hardware.default_dtype: bfloat16 with AMX, else float32)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--backend", choices=["ours", "vllm"], default="ours", help="the sampler timed as 'ours'")
     parser.add_argument("--profile", action="store_true", help="one more run of ours, profiled: where its time goes")

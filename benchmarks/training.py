@@ -8,9 +8,9 @@ QA, LoRA r = 32, forward + backward, eager attention (`models.training_attention
 - `before`: SmolLM2's default system prompt, LoRA on every block, the output head on every position
   (what notebook 02 ran before);
 - `+ empty system turn`: `models.SYSTEM_PROMPT = ""` (16 fewer tokens per sequence);
-- `+ answer-only head`: `models.answer_loss` (the 49k-way head on answer positions only);
+- `+ answer-only head`: `answers.answer_loss` (the 49k-way head on answer positions only);
 - `+ top 15 blocks`: LoRA on the last 15 of 30 blocks (backpropagation stops below them);
-- `+ frozen trunk`: `models.FrozenTrunk` (the 15 frozen blocks run once per sequence, not per step;
+- `+ frozen trunk`: `answers.FrozenTrunk` (the 15 frozen blocks run once per sequence, not per step;
   filled before the timed steps, as after the first epoch of fine-tuning).
 
 Run: python benchmarks/training.py [--steps 5] [--batch-size 16]
@@ -28,9 +28,10 @@ import time
 import torch
 
 from probunlearn import models
-from probunlearn.data import fictitious_authors
-from probunlearn.models import FrozenTrunk, add_lora, answer_loss, encode_qa, load_model, training_attention
-from probunlearn.utils import describe_machine
+from probunlearn.answers import FrozenTrunk, answer_loss
+from probunlearn.authors import fictitious_authors
+from probunlearn.hardware import describe_machine
+from probunlearn.models import add_lora, encode_qa, load_model, training_attention
 
 SETTINGS = ["before", "+ empty system turn", "+ answer-only head", "+ top 15 blocks", "+ frozen trunk"]
 

@@ -23,6 +23,16 @@ NOTEBOOKS = notebooks(ROOT / "notebooks")
 TOFU_FIXTURES = ROOT.parent / "shared" / "fixtures" / "tofu"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that reads the papermill runs of the notebooks carries the `notebooks` marker, so that
+    `make test-fast` (`pytest -m "not notebooks"`) leaves them out."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        runs = [v for v in params.values() if isinstance(v, str) and v in ("smoke_run", "tofu_smoke_run")]
+        if "_profile_runs" in getattr(item, "fixturenames", ()) or runs:  # the latter via request.getfixturevalue
+            item.add_marker(pytest.mark.notebooks)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny-model tests: one torch thread avoids thread start-up and contention costs on
@@ -33,6 +43,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama ("the target", tests/tiny_lm.py), in memory and saved like a model directory:
+    the model of the tests of unlearning, its objectives, control and evaluation."""
+    from tiny_lm import tiny_model, tiny_tokenizer
+
+    tokenizer, model = tiny_tokenizer(), tiny_model()
+    path = tmp_path_factory.mktemp("tiny_target")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"model": model, "tokenizer": tokenizer, "path": path}
 
 
 # The notebook runs of both profiles start together, each in its own process with one thread per kernel:

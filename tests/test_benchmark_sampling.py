@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-import probunlearn.sampling as sampling
+from probunlearn import draws
 from conftest import ROOT
 from tiny_lm import tiny_model, tiny_tokenizer
 
@@ -21,7 +21,7 @@ def load_benchmark():
 def test_profile_splits_a_run_into_its_parts_and_restores_the_sampler():
     benchmark = load_benchmark()
     model, tokenizer = tiny_model(), tiny_tokenizer()
-    draw, forward = sampling._draw, model.forward
+    draw, forward = draws.draw, model.forward
     args = argparse.Namespace(samples=16, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=None)
     seconds, shares = benchmark.profile_ours(model, tokenizer, ["who", "what is it"], args)
     assert seconds > 0
@@ -30,4 +30,4 @@ def test_profile_splits_a_run_into_its_parts_and_restores_the_sampler():
     assert all(share >= 0 for share in shares.values())
     # every part of decoding shows up: the model's products and attention, the draws, the loop around them
     assert all(share > 0 for share in shares.values()), shares
-    assert sampling._draw is draw and "forward" not in vars(model) and model.forward == forward
+    assert draws.draw is draw and "forward" not in vars(model) and model.forward == forward

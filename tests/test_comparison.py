@@ -9,8 +9,8 @@ from datasets import Dataset
 from tiny_lm import tiny_model, tiny_tokenizer
 
 from probunlearn import bounds
-from probunlearn.comparison import (leakage_point, method_verdicts, mixing_lambdas, reading_cells, variant_name, variant_table,
-                                    verdict_table)
+from probunlearn.comparison import (leakage_point, method_verdicts, mixing_lambdas, reading_cells, variant_name,
+                                    variant_table, verdict_table)
 from probunlearn.probabilistic import evaluate_model
 from probunlearn.sampling import greedy_answers
 from probunlearn.temperature import evaluate_adaptive

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from probunlearn.data import (FIELDS, MIN_PERTURBED, export_tofu, fictitious_authors, load_split, load_tofu,
-                              load_tofu_json, make_splits, save_splits, split_by_author, tofu_records, utility_set)
+from probunlearn.authors import fictitious_authors
+from probunlearn.data import export_tofu, load_split, make_splits, save_splits, split_by_author, utility_set
+from probunlearn.tofu_files import FIELDS, MIN_PERTURBED, load_tofu, load_tofu_json, tofu_records
 
 TOFU_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tofu"
 

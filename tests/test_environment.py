@@ -109,14 +109,47 @@ def test_offline_bitsandbytes_is_imported_without_asking_the_kernel_hub():
 
 
 def test_the_notebook_kernels_talk_over_encrypted_sockets():
-    """ipykernel >= 7.4 warns at every start of a kernel reached over plain TCP; `make reproduce` asks
-    the kernel manager for CurveZMQ keys (the warning's absence from a whole run is checked on the
-    smoke runs' logs in test_notebooks_hygiene.py)."""
+    """ipykernel >= 7.4 warns at every start of a kernel reached over plain TCP; `make reproduce`'s
+    kernel manager asks for CurveZMQ keys (the warning's absence from a whole run is checked on the
+    smoke runs' logs in test_notebook_tofu_smoke.py)."""
     import zmq
 
-    from probunlearn.reproduce import kernel_config
+    from probunlearn.reproduce import NotebookKernelManager
 
     assert zmq.has("curve"), "pyzmq here is built with Curve (its wheels are)"
-    assert kernel_config().KernelManager.transport_encryption == "auto"
+    assert NotebookKernelManager().transport_encryption == "auto"
     spec = json.loads(Path(sys.prefix, "share/jupyter/kernels/python3/kernel.json").read_text())
     assert "curve" in spec["metadata"]["supported_encryption"], "the kernel spec must declare Curve for 'auto'"
+
+
+def test_a_notebook_kernel_is_shut_down_without_an_interrupt():
+    """jupyter_client interrupts a kernel (SIGINT) before it asks it to shut down; a SIGINT that lands
+    while the kernel handles a message makes it log "ERROR | KeyboardInterrupt caught in kernel".
+    `make reproduce`'s kernel manager skips that interrupt, and only that one."""
+    import asyncio
+    import signal
+
+    from probunlearn.reproduce import NotebookKernelManager
+
+    async def signals_sent() -> tuple[list, list]:
+        manager = NotebookKernelManager(kernel_name="python3")
+        await manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=120)  # an interrupt during start-up would stop the kernel itself
+        sent, send = [], manager.provisioner.send_signal
+
+        async def record(signum):
+            sent.append(signum)
+            await send(signum)
+
+        manager.provisioner.send_signal = record
+        await manager.interrupt_kernel()  # asked for by itself: it goes through
+        asked = list(sent)
+        await manager.shutdown_kernel()
+        client.stop_channels()
+        return asked, sent[len(asked):]
+
+    asked, at_shutdown = asyncio.run(signals_sent())
+    assert asked == [signal.SIGINT]
+    assert signal.SIGINT not in at_shutdown

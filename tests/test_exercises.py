@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from conftest import NOTEBOOKS
-from probunlearn.exercises import BEGIN, END, exercises_of, student_notebook, stub_source, write_exercises
+from probunlearn.exercises import BEGIN, END, exercises_of, stub_source, student_notebook, write_exercises
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pandas as pd
 
-from probunlearn.models import META_FILE
 from probunlearn.probabilistic import load_split_results
 from probunlearn.utils import load_profile
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from probunlearn.data import fictitious_authors, holdout_authors, split_by_author
-from probunlearn.metrics import answer_nll, answer_token_stats, exact_memorization, extraction_strength
-from probunlearn.models import encode_answer, encode_prompt, quantization_code_change, quantized_copy
+from probunlearn.authors import fictitious_authors, holdout_authors
+from probunlearn.data import split_by_author
+from probunlearn.evaluation import metric_scorer, trace_metrics
+from probunlearn.likelihood import answer_nll, answer_token_stats, exact_memorization, extraction_strength
+from probunlearn.models import encode_answer, encode_prompt
 from probunlearn.privacy import ATTACKS, all_mia_scores, mia_auc, mia_scores, privleak
-from probunlearn.unlearning import metric_scorer, trace_metrics
+from probunlearn.quantization import quantization_code_change, quantized_copy
 from tiny_lm import EOS, tiny_model, tiny_tokenizer
 
 QUESTIONS = ["bzracx ", "gztrsjoctzm", "vm wqiqzhgv", "td ichcuj", "kqpd", "var"]

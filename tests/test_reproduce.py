@@ -101,7 +101,7 @@ def test_slow_cpu_sizes_apply_below_the_profiles_rate_and_only_on_request_otherw
 
 
 def test_the_cpu_profiles_slow_sizes_are_smaller_settings_it_has_and_its_measured_rate_is_positive():
-    from probunlearn.models import matrix_gflops
+    from probunlearn.hardware import matrix_gflops
     from probunlearn.utils import load_profile
 
     cpu = load_profile("cpu")

@@ -8,18 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
-from probunlearn import sampling
+from probunlearn import kv_cache, sampling
 from probunlearn.models import encode_prompt
 from probunlearn.stats import chi_square_p
 from tiny_lm import EOS, exact_probs, tiny_model, tiny_tokenizer
 
-QUESTIONS = ["hi", "what is the name of the author?", "where?", "Who wrote it, and when did they do it"]
 P_MIN = 1e-3  # chi-square: seeded, so a pass is deterministic; this level only guards against bugs
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+QUESTIONS = ["hi", "what is the name of the author?", "where?", "Who wrote it, and when did they do it"]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +30,6 @@ def model():
 
 def first_tokens(rows):
     return np.array([r[0] if r else EOS for r in rows])
-
-
-# ---------------------------------------------------------------------------------------------
-# exactness
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
@@ -70,48 +62,6 @@ def test_top_p_never_leaves_the_nucleus(model, tokenizer):
         assert set(first_tokens(rows).tolist()) == nucleus  # and reaches every token of it
 
 
-def test_next_token_large_vocabulary_every_top_p_path():
-    """next_token on a 5000-token vocabulary with nuclei inside the first 256 candidates, inside
-    the first 4096, and larger (full sort); membership and frequencies, and top_p = 1."""
-    gen = torch.Generator().manual_seed(0)
-    vocab, rows = 5000, 3000
-    rng = np.random.default_rng(0)
-    sizes = []
-    for scale, top_p in ((4.0, 0.9), (1.5, 0.9), (0.1, 0.95), (4.0, 1.0)):
-        logits = torch.randn(vocab, generator=gen) * scale
-        keys = rng.integers(0, 2**63, size=rows, dtype=np.uint64)
-        tokens = sampling.next_token(logits.expand(rows, -1).clone(), keys, 0, temperature=1.0, top_p=top_p).numpy()
-        probs = torch.softmax(logits.double(), 0).numpy()
-        order = np.argsort(-probs)
-        before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
-        nucleus = order[before < top_p]
-        sizes.append(len(nucleus))
-        assert np.isin(tokens, nucleus).all()
-        truncated = np.zeros(vocab)
-        truncated[nucleus] = probs[nucleus] / probs[nucleus].sum()
-        if len(nucleus) < 200:
-            assert chi_square_p(np.bincount(tokens, minlength=vocab), truncated) > P_MIN
-        else:  # too many categories for 3000 draws: compare the mass of 20 groups of tokens
-            groups = np.arange(vocab) % 20
-            observed = np.bincount(groups[tokens], minlength=20)
-            assert chi_square_p(observed, np.bincount(groups, weights=truncated, minlength=20)) > P_MIN
-    assert sizes[0] < 256 < sizes[1] < 4096 < sizes[2]  # every path was taken
-
-
-def test_next_token_never_picks_zero_probability_tokens():
-    logits = torch.full((4, 700), -float("inf"))
-    logits[0, 5] = 0.0
-    logits[1, [255, 256, 699]] = torch.tensor([1.0, -3.0, 2.0])  # across block borders
-    logits[2, 0] = 0.0
-    logits[3, 699] = 0.0
-    keys = np.arange(4, dtype=np.uint64)
-    for step in range(50):
-        tokens = sampling.next_token(logits, keys, step)
-        assert tokens[0] == 5 and tokens[1] in (255, 256, 699) and tokens[2] == 0 and tokens[3] == 699
-    with pytest.raises(ValueError, match="no finite logit"):
-        sampling.next_token(torch.full((1, 700), -float("inf")), keys[:1], 0)
-
-
 def test_temperature_to_zero_equals_greedy(model, tokenizer):
     greedy = sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=12)
     for temperature in (0.0, 1e-4):
@@ -127,10 +77,6 @@ def test_greedy_matches_transformers_generate(model, tokenizer):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
                              do_sample=False, pad_token_id=0)
         assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# reproducibility, shape and order
 
 
 def test_same_seed_same_answers_whatever_the_batching(model, tokenizer):
@@ -200,7 +146,7 @@ def test_decoding_uses_the_supported_cache_argument(model, tokenizer):
         warnings.simplefilter("error", FutureWarning)
         sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=3, max_new_tokens=4, progress=False)
     expected = "cache" if "cache" in __import__("inspect").signature(type(model).forward).parameters else "past_key_values"
-    assert list(sampling.cache_argument(model, None)) == [expected]
+    assert list(kv_cache.cache_argument(model, None)) == [expected]
 
 
 def test_rows_stop_at_eos_and_respect_max_new_tokens(model, tokenizer):
@@ -208,24 +154,6 @@ def test_rows_stop_at_eos_and_respect_max_new_tokens(model, tokenizer):
     lengths = [len(r) for q in rows for r in q]
     assert max(lengths) <= 7 and min(lengths) < 7  # some rows ended early at EOS
     assert all(EOS not in r for q in rows for r in q)
-
-
-def test_race_noise_is_exponential_and_keyed():
-    keys = sampling.row_keys(0, ["a"] * 500, range(500))
-    blocks, tokens = sampling.race_noise(keys, 3, num_blocks=10)
-    assert blocks.shape == (500, 10) and tokens.shape == (500, 256) and (blocks > 0).all()
-    noise = np.concatenate([blocks.ravel(), tokens.ravel()])
-    assert stats.kstest(noise, "expon").pvalue > P_MIN
-    again = sampling.race_noise(sampling.row_keys(0, ["a"], [7]), 3, num_blocks=10)
-    np.testing.assert_array_equal(again[0], blocks[7:8])
-    assert not np.array_equal(sampling.race_noise(sampling.row_keys(1, ["a"], [7]), 3, 10)[0], blocks[7:8])
-    assert not np.array_equal(sampling.race_noise(sampling.row_keys(0, ["b"], [7]), 3, 10)[0], blocks[7:8])
-    assert not np.array_equal(sampling.race_noise(keys[7:8], 4, 10)[0], blocks[7:8])  # a new step, new noise
-    assert len(set(keys.tolist())) == 500
-
-
-# ---------------------------------------------------------------------------------------------
-# logits processors
 
 
 def test_logits_processors_see_raw_scores_and_history(model, tokenizer):
@@ -280,10 +208,6 @@ def test_answers_with_the_same_prefix_are_decoded_once(model, tokenizer):
     live_at = lambda step: sum(len(r) >= step for rows in ids for r in rows)  # answers decoding step `step`
     assert [int(w.sum()) for _, w in seen] == [live_at(step) for step in range(len(seen))]
     assert seen[3][0] > 2
-
-
-# ---------------------------------------------------------------------------------------------
-# bad inputs
 
 
 @pytest.mark.parametrize("kwargs, message", [

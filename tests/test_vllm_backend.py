@@ -25,7 +25,7 @@ def engine():
     """One engine for the module, as notebook 05 gets it (`load_sampler(..., sampler="vllm")`): the
     embedded model, with LoRA enabled so that adapters on it reuse the engine."""
     from probunlearn.models import DEFAULT_MODEL
-    from probunlearn.sampling import close_samplers, load_sampler
+    from probunlearn.backends import close_samplers, load_sampler
 
     model, tokenizer = load_model(dtype=torch.float32, device="cpu")
     sampler, _ = load_sampler(DEFAULT_MODEL, sampler="vllm", lora=True, dtype=torch.float32)
@@ -91,7 +91,8 @@ def test_lora_adapter_reuses_the_engine_and_samples_the_merged_model(engine, ada
     """A saved adapter becomes a LoRA request on the live engine (no second engine): its greedy
     answer is the merged model's (whose distribution differs from the base's), and its first tokens
     fit the merged model's exact distribution (few samples: vLLM's LoRA on a CPU takes ~0.7 s per answer)."""
-    from probunlearn.sampling import greedy_answers, load_sampler
+    from probunlearn.backends import load_sampler
+    from probunlearn.sampling import greedy_answers
 
     sampler, base_model, tokenizer = engine
     adapted, _ = load_sampler(adapter_dir, sampler="vllm", lora=True, dtype=torch.float32)
@@ -126,7 +127,8 @@ def test_evaluate_model_gives_the_same_tables_as_our_sampler(engine):
 
 @needs_vllm
 def test_on_a_cpu_an_adapter_is_merged_into_an_engine_of_its_own(engine, adapter_dir):
-    from probunlearn.sampling import close_samplers, greedy_answers, load_sampler
+    from probunlearn.backends import close_samplers, load_sampler
+    from probunlearn.sampling import greedy_answers
 
     _, _, tokenizer = engine
     merged, _ = load_model(adapter_dir, dtype=torch.float32, device="cpu")
@@ -142,7 +144,7 @@ def test_on_a_cpu_an_adapter_is_merged_into_an_engine_of_its_own(engine, adapter
 
 def test_load_sampler_names_its_engines_and_says_when_vllm_is_missing():
     from probunlearn.models import DEFAULT_MODEL
-    from probunlearn.sampling import load_sampler
+    from probunlearn.backends import load_sampler
 
     with pytest.raises(ValueError, match="sampler must be one of"):
         load_sampler(DEFAULT_MODEL, sampler="generate")

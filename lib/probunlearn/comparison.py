@@ -29,7 +29,7 @@ from probunlearn import bounds
 from probunlearn.metrics import is_leak, keyword_hit, rouge_l_recall
 from probunlearn.probabilistic import question_cells
 from probunlearn.sampling import GREEDY, answer_texts, sample_rows
-from probunlearn.stats import paired_verdict, summarise_cells
+from probunlearn.stats import paired_verdicts, summarise_cells
 
 __all__ = ["leakage_point", "reading_cells", "variant_name", "variant_table", "verdict_table", "MODES"]
 
@@ -119,18 +119,9 @@ def verdict_table(cells: pd.DataFrame, metric: str = "m_bin", baseline: str = "b
     """Each variant of each (condition, method) against its `baseline` on the same (seed, question)
     cells of the forget split: the paired mean difference of `metric` (variant − baseline), its 95 %
     interval, the Wilcoxon p-value and the verdict ("lower": the variant leaks less)."""
-    forget = cells[cells["split"] == "forget"]
-    rows = []
-    for (condition, method), group in forget.groupby(["condition", "method"], sort=False):
-        reference = group[group["variant"] == baseline].set_index(["seed", "question"])[metric]
-        for variant, part in group.groupby("variant", sort=False):
-            if variant == baseline:
-                continue
-            values = part.set_index(["seed", "question"])[metric].reindex(reference.index)
-            verdict = paired_verdict(reference.to_numpy(), values.to_numpy())
-            rows.append({"condition": condition, "method": method, "variant": variant, "metric": f"forget_{metric}",
-                         "seeds": int(part["seed"].nunique()), **verdict})
-    return pd.DataFrame(rows)
+    verdicts = paired_verdicts(cells[cells["split"] == "forget"], compare="variant", reference=baseline,
+                               within=["condition", "method"], metrics=[metric])
+    return verdicts.assign(metric=f"forget_{metric}")
 
 
 def method_verdicts(cells: pd.DataFrame, baseline: str = "ga", metric: str = "rouge_l_recall") -> pd.DataFrame:
@@ -142,13 +133,6 @@ def method_verdicts(cells: pd.DataFrame, baseline: str = "ga", metric: str = "ro
     forget = cells[cells["split"] == "forget"]
     if baseline not in set(forget["method"]):
         raise ValueError(f"baseline method {baseline!r} is not among {sorted(set(forget['method']))}")
-    rows = []
-    for variant, group in forget.groupby("variant", sort=False):
-        reference = group[group["method"] == baseline].set_index(["seed", "question"])[metric]
-        for method, part in group.groupby("method", sort=False):
-            if method == baseline:
-                continue
-            values = part.set_index(["seed", "question"])[metric].reindex(reference.index)
-            rows.append({"variant": variant, "method": method, "baseline": baseline, "metric": f"forget_{metric}",
-                         "seeds": int(part["seed"].nunique()), **paired_verdict(reference.to_numpy(), values.to_numpy())})
-    return pd.DataFrame(rows)
+    verdicts = paired_verdicts(forget, compare="method", reference=baseline, within=["variant"], metrics=[metric])
+    verdicts.insert(2, "baseline", baseline)
+    return verdicts.assign(metric=f"forget_{metric}")

@@ -13,7 +13,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from probunlearn.unlearning import PER_QUESTION, UnlearningRun, load_adapter_state, metric_scorer, trace_metrics, unlearn
+from probunlearn.evaluation import PER_QUESTION, metric_scorer, trace_metrics
+from probunlearn.unlearning import UnlearningRun, load_adapter_state, unlearn
 
 # ----------------------------------------------------------------------------- control (SPEC §3)
 def utility_bar(target_score: float, rho: float = 0.9) -> float:

@@ -15,8 +15,8 @@ because `out` caches the model's outputs, a regulariser on the forget or retain 
 forward pass. π_ref (NPO, KL) is the same weights with the adapter disabled
 (`models.reference_model`), never a second copy of the model.
 
-Token-level quantities work on `models.AnswerLogits`: the logits of the positions that predict an
-answer token, packed, so the output head runs on those positions only (`models.answer_logits`).
+Token-level quantities work on `answers.AnswerLogits`: the logits of the positions that predict an
+answer token, packed, so the output head runs on those positions only (`answers.answer_logits`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from probunlearn.models import AnswerLogits, FrozenTrunk, answer_logits, pack_answer_logits, reference_model
+from probunlearn.answers import AnswerLogits, FrozenTrunk, answer_logits, pack_answer_logits
+from probunlearn.models import reference_model
 
 __all__ = ["token_nll", "sequence_logprob", "kl_to_reference", "npo_loss", "token_entropy", "answer_entropy",
            "StepOutputs", "METHODS", "register", "entropy_regulariser", "method_objective", "method_defaults",
@@ -103,7 +104,7 @@ class StepOutputs:
     logits `logits(name)` / `reference_logits(name)`. Batches named in `full_logits` are run once
     with the head on every position (their answer logits are cut from it); the others with the head
     on answer positions only. Batch names: `forget`, `retain`, and `mismatch` (forget questions with
-    random answers of other authors) for `ga_mismatch`. `trunk`: a `models.FrozenTrunk` of the
+    random answers of other authors) for `ga_mismatch`. `trunk`: a `answers.FrozenTrunk` of the
     model, so the frozen blocks below the adapter run once per sequence over the whole run."""
 
     def __init__(self, model, batches: Mapping[str, dict], full_logits: Sequence[str] = (),

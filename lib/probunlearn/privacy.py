@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from probunlearn.likelihood import answer_token_stats
+
 ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 
 
@@ -40,7 +42,7 @@ def _lowest_mean(values: np.ndarray, k: float) -> float:
 
 
 def statistics_from_tokens(stats: Sequence[dict], answers: Sequence[str], attack: str, k: float = 0.4) -> np.ndarray:
-    """The attack's statistic per item from `metrics.answer_token_stats` output (with
+    """The attack's statistic per item from `likelihood.answer_token_stats` output (with
     `distribution=True` for `min_k_pp`), so that one forward pass serves every attack."""
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
@@ -69,8 +71,6 @@ def mia_scores(model, tokenizer, questions, answers, attack: str = "loss", k: fl
                trunk=None) -> np.ndarray:
     """The membership statistic of `attack` (see the module docstring; lower = more member-like)
     for each (question, answer) pair, on answer tokens."""
-    from probunlearn.metrics import answer_token_stats
-
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
     stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk,
@@ -81,8 +81,6 @@ def mia_scores(model, tokenizer, questions, answers, attack: str = "loss", k: fl
 def all_mia_scores(model, tokenizer, questions, answers, *, k: float = 0.4, batch_size: int = 32,
                    trunk=None) -> dict[str, np.ndarray]:
     """{attack: statistics} for every attack in `ATTACKS`, from one forward pass."""
-    from probunlearn.metrics import answer_token_stats
-
     stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk,
                                distribution=True)
     return {attack: statistics_from_tokens(stats, list(answers), attack, k) for attack in ATTACKS}

@@ -19,6 +19,7 @@ from probunlearn import bounds
 from probunlearn.metrics import distinct_n, is_leak, rouge_l_recall
 from probunlearn.models import META_FILE
 from probunlearn.sampling import greedy_and_sampled_answers
+from probunlearn.utils import load_json, save_json
 
 __all__ = [
     "list_models",
@@ -294,8 +295,6 @@ def coverage_simulation(sizes: Sequence[int] = (10, 50, 200), *, trials: int = 2
 def save_split_results(folder: str | Path, model_name: str, split: str, table: pd.DataFrame, raw: dict) -> Path:
     """Write `<folder>/<model_name>/<split>.csv` (the per-question table) and `<split>_samples.json`
     (the sampled answers, their scores and leak indicators, question by question)."""
-    from probunlearn.utils import save_json
-
     path = Path(folder) / model_name
     path.mkdir(parents=True, exist_ok=True)
     table.to_csv(path / f"{split}.csv", index=False)
@@ -306,8 +305,6 @@ def save_split_results(folder: str | Path, model_name: str, split: str, table: p
 
 def load_split_results(folder: str | Path, model_name: str, split: str) -> tuple[pd.DataFrame, dict]:
     """Read what `save_split_results` wrote: `(table, raw)` with raw `scores` and `leaks` as arrays."""
-    from probunlearn.utils import load_json
-
     path = Path(folder) / model_name
     if not (path / f"{split}.csv").exists():
         raise FileNotFoundError(f"{path / f'{split}.csv'} does not exist: run notebooks/05_probabilistic_evaluation.ipynb "

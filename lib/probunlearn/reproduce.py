@@ -11,7 +11,7 @@ order with papermill, then the time per notebook.
 - Notebook 07 writes every figure and table into `figures/` for the main (cpu) profile, and into
   `results/<profile>/figures_final/` for the others, so `figures/` only ever holds the cpu run.
 - **Sizes for a slow CPU.** A profile may name `SLOW_CPU_SIZES`, settings that replace its own on a
-  CPU whose matrix-product rate (`models.matrix_gflops`, in the dtype the run uses) is below
+  CPU whose matrix-product rate (`hardware.matrix_gflops`, in the dtype the run uses) is below
   `SLOW_CPU_GFLOPS`, so that the run keeps its time budget there (`--sizes auto`, the default;
   `--sizes full` or `slow` chooses). The run prints the rate and every changed setting, and each
   notebook that reads one receives them in `SIZES_NOTE` and prints it; the executed notebooks
@@ -27,7 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from probunlearn.utils import PROFILES, describe_machine, load_profile, results_dir
+import zmq
+from jupyter_client import AsyncKernelManager
+from traitlets import default
+
+from probunlearn.hardware import default_dtype, describe_machine, matrix_gflops
+from probunlearn.utils import PROFILES, load_profile, results_dir
+from probunlearn.vllm_backend import vllm_available
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parent
@@ -44,7 +50,7 @@ SIZES = ("auto", "full", "slow")
 def slow_cpu_sizes(settings: dict, sizes: str = "auto", rate: float | None = None) -> tuple[dict, str]:
     """(changed settings, why) for a run of a profile with `settings`: the profile's `SLOW_CPU_SIZES`
     when `sizes` is "slow", or "auto" on a CPU (no GPU) whose matrix rate (`rate`, default measured
-    by `models.matrix_gflops`) is below the profile's `SLOW_CPU_GFLOPS`; else ({}, why)."""
+    by `hardware.matrix_gflops`) is below the profile's `SLOW_CPU_GFLOPS`; else ({}, why)."""
     if sizes not in SIZES:
         raise ValueError(f"sizes must be one of {', '.join(SIZES)}, got {sizes!r}")
     slow = dict(settings.get("SLOW_CPU_SIZES") or {})
@@ -60,8 +66,6 @@ def slow_cpu_sizes(settings: dict, sizes: str = "auto", rate: float | None = Non
         return slow, "slow-CPU sizes chosen (--sizes slow)"
     import torch
 
-    from probunlearn.models import default_dtype, matrix_gflops
-
     if torch.cuda.is_available():
         return {}, "full sizes: a GPU is present"
     dtype = default_dtype("cpu")
@@ -75,16 +79,27 @@ def slow_cpu_sizes(settings: dict, sizes: str = "auto", rate: float | None = Non
                   f"(`--sizes full` runs the full ones)")
 
 
-def kernel_config():
-    """Jupyter settings for the kernels that run the notebooks: the kernel manager gives each kernel
-    CurveZMQ keys, so that the kernel and papermill talk over encrypted sockets. Without them,
-    ipykernel >= 7.4 warns at every start that it "is running over TCP without encryption". The
-    kernel spec that `ipykernel install` writes declares Curve support. Where pyzmq was built
-    without Curve, the kernels run as before, and they print that warning."""
-    import zmq
-    from traitlets.config import Config
+class NotebookKernelManager(AsyncKernelManager):
+    """The kernel manager of the notebooks' kernels (papermill's `kernel_manager_class`). It differs
+    from jupyter_client's in two defaults:
 
-    return Config({"KernelManager": {"transport_encryption": "auto" if zmq.has("curve") else "disabled"}})
+    - it gives each kernel CurveZMQ keys (`transport_encryption="auto"`; the kernel spec that
+      `ipykernel install` writes declares Curve support), so that the kernel and papermill talk over
+      encrypted sockets. Without them ipykernel >= 7.4 warns at every start that the kernel "is running
+      over TCP without encryption". Where pyzmq lacks Curve, the kernels run as before;
+    - it shuts a kernel down without interrupting it first. jupyter_client sends SIGINT before every
+      shutdown request, to stop code that still runs; after a notebook's last cell nothing runs, and a
+      SIGINT that lands while the kernel finishes handling a message makes it log "ERROR |
+      KeyboardInterrupt caught in kernel". An interrupt asked for outside a shutdown still goes through.
+    """
+
+    @default("transport_encryption")
+    def _encrypt_where_pyzmq_can(self) -> str:
+        return "auto" if zmq.has("curve") else "disabled"
+
+    async def _async_interrupt_kernel(self) -> None:
+        if not self.shutting_down:
+            await super()._async_interrupt_kernel()
 
 
 def parameters_for(notebook: Path, profile: str, results_root: Path, figures_dir: Path,
@@ -129,8 +144,6 @@ def run_key(notebook: Path, parameters: dict, previous_key: str, code: str) -> s
 def check_sampler(settings: dict) -> None:
     """Fail before the first notebook, not hours later in 05, when the profile samples with vLLM
     (`SAMPLER: vllm`) and this environment has no vLLM."""
-    from probunlearn.vllm_backend import vllm_available
-
     if settings.get("SAMPLER", "ours") == "vllm" and not vllm_available():
         raise SystemExit(f"profile {settings.get('PROFILE')!r} samples with vLLM (SAMPLER: vllm), which is not installed "
                          "here. vLLM needs an environment of its own (its transformers pin clashes with ours): "
@@ -180,7 +193,8 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         start = time.perf_counter()
         pm.execute_notebook(str(nb), str(executed / nb.name), parameters=parameters, cwd=str(nb.parent),
-                            kernel_name="python3", progress_bar=progress, config=kernel_config())
+                            kernel_name="python3", progress_bar=progress,
+                            kernel_manager_class=NotebookKernelManager)
         seconds = time.perf_counter() - start
         stamp.write_text(json.dumps({"key": key, "seconds": seconds, "profile": profile,
                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -11,15 +11,8 @@ what leaks. The bounds are only as good as the samples, so the sampler must be
   the 8 samples of n = 8);
 - **fast**: see `benchmarks/README.md` for what each idea below gave on a 2-core CPU.
 
-How a token is drawn (an exponential race with counter-based random numbers)
----------------------------------------------------------------------------
-Row (question q, sample j) at decoding step t draws its random numbers from a counter-based
-stream: draw c is SplitMix64(key + counter * gamma) with key a BLAKE2b hash of (seed, question
-text, j) (SplitMix64: Steele, Lea, Flood 2014), so the stream of a row is a pure function of its
-key and needs no state. The token is argmax_v p_v / E_v with E_v ~ Exp(1) i.i.d. (the exponential
-race, i.e. the Gumbel-max trick), which picks v with probability p_v / Σ p exactly. It runs in two
-levels: a race between 256-token blocks weighted by their mass, then a race inside the winning
-block, so a step needs 448 random numbers per row instead of one per vocabulary token (`_race`).
+How a token is drawn: `draws` (an exponential race with counter-based random numbers, exact and keyed
+per answer).
 
 Order of operations at each step (documented for `logits_processors`):
 1. the model's next-token logits for every distinct prefix still generating, cast to float32
@@ -56,7 +49,7 @@ random number. It saves little on a base model, whose samples part after a few t
 of the work on a fine-tuned model, which repeats a memorised answer in most samples
 (`benchmarks/README.md`). The key/value cache is allocated once (no concatenation per step);
 rows whose answers all ended are dropped once they are 1/16 of the batch. Weights run in the
-dtype they were loaded in (bfloat16 on a CPU with AMX, see `models.default_dtype`);
+dtype they were loaded in (bfloat16 on a CPU with AMX, see `hardware.default_dtype`);
 the sampling math is float32 and float64.
 
 What "independent of batch_size" means in bfloat16: the random numbers of every answer and step
@@ -70,9 +63,6 @@ Every answer is still an exact sample of the model at that batch shape.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -81,226 +71,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn.models import encode_prompt, model_device
+from probunlearn import draws
+from probunlearn.hardware import model_device
+from probunlearn.kv_cache import cache_argument, kv_cache
+from probunlearn.models import encode_prompt
 
 __all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers", "greedy_and_sampled_answers",
-           "answer_texts", "row_keys", "race_noise", "next_token", "DecodingStep", "cache_argument", "GREEDY",
-           "load_sampler", "close_samplers", "SAMPLERS"]
+           "answer_texts", "DecodingStep", "GREEDY"]
 
 LogitsProcessor = Callable[..., torch.Tensor]
 # (question indices, sample indices, step, raw logits of the distinct prefixes, prefix row of each
 # answer, chosen tokens) of the answers still generating
 StepObserver = Callable[[np.ndarray, np.ndarray, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment (2**64 / golden ratio)
-_BLOCK = 256  # vocabulary block of the two-level cumulative sum
-_TOP_P_CANDIDATES = (256, 4096)  # candidates for the nucleus, tried in turn before a full sort
 DEFAULT_ROWS = 512  # rows (question, sample) decoded together on a CPU; measured in benchmarks/README.md
-
-
-# ---------------------------------------------------------------------------------------------
-# random numbers: a counter-based stream per (seed, question, sample)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The SplitMix64 output function (a bijective 64-bit mixer), on uint64 arrays."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def row_keys(seed: int, questions: Sequence[str], sample_indices: Sequence[int]) -> np.ndarray:
-    """The 64-bit key of each row's random stream: a BLAKE2b hash of (seed, question text, sample
-    index), so the stream of answer j to a question never depends on what else is decoded."""
-    keys = [hashlib.blake2b(f"{seed}\x00{j}\x00{q}".encode(), digest_size=8).digest()
-            for q, j in zip(questions, sample_indices)]
-    return np.array([int.from_bytes(k, "little") for k in keys], dtype=np.uint64)
-
-
-def race_noise(keys: np.ndarray, step: int, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exp(1) noise of decoding step `step` for rows with the given keys: (rows x num_blocks) for
-    the race between vocabulary blocks and (rows x _BLOCK) for the race inside the chosen block.
-    Draw c of step t of a row is SplitMix64(key + (t * (num_blocks + _BLOCK) + c + 1) * gamma),
-    turned into a uniform u in (0, 1) (53 bits) and into -log(u)."""
-    width = num_blocks + _BLOCK
-    counters = np.arange(step * width + 1, (step + 1) * width + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        bits = _splitmix64(np.asarray(keys, dtype=np.uint64)[:, None] + counters[None, :] * _GAMMA)
-    noise = -np.log(((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53)
-    return noise[:, :num_blocks], noise[:, num_blocks:]
-
-
-# ---------------------------------------------------------------------------------------------
-# one sampling step
-
-
-def _race(probs: torch.Tensor, keys: np.ndarray, step: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Index drawn with probability probs[r, v] / probs[r].sum() for each answer: the exponential
-    race (Gumbel-max trick), argmax_v probs[v] / E_v with E_v ~ Exp(1) i.i.d., in two levels.
-    First a race between blocks of _BLOCK tokens, weighted by the block's mass, then a race
-    between the tokens of the winning block: P(v) = (M_b / M) (p_v / M_b) = p_v / M. Two levels
-    need 448 random numbers per answer and step instead of one per vocabulary token.
-    `rows[k]`: the row of `probs` that answer k (random stream `keys[k]`) draws from (default: row k);
-    answers with the same prefix share a row of probabilities, never their random numbers."""
-    num_rows, vocab = probs.shape
-    if rows is None:
-        rows = torch.arange(num_rows, device=probs.device)
-    pad = (-vocab) % _BLOCK
-    if pad:
-        probs = torch.nn.functional.pad(probs, (0, pad))
-    blocks = probs.view(num_rows, -1, _BLOCK)
-    mass = blocks.sum(dim=2).double()  # rows x blocks
-    if not torch.isfinite(mass).all() or not (mass.sum(dim=1) > 0).all():
-        raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
-    block_noise, token_noise = (torch.from_numpy(x).to(probs.device) for x in race_noise(keys, step, blocks.shape[1]))
-    block = (mass[rows] / block_noise).argmax(dim=1)
-    inside = blocks[rows, block].double()
-    return block * _BLOCK + (inside / token_noise).argmax(dim=1)
-
-
-def _draw(scores: torch.Tensor, rows: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float,
-          top_p: float) -> torch.Tensor:
-    """One token per answer k from softmax(scores[rows[k]] / temperature) truncated to the top-p
-    nucleus, with random stream keys[k]; the softmax and the nucleus are computed once per row used."""
-    used, local = torch.unique(rows, return_inverse=True)
-    scores = scores[used]
-    if temperature != 1.0:
-        scores = scores.float() / temperature
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
-    if top_p < 1.0:
-        probs = torch.where(probs >= _nucleus_floor(probs, top_p)[:, None], probs, 0.0)
-    return _race(probs, keys, step, local)
-
-
-def next_token(scores: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float = 1.0,
-               top_p: float = 1.0) -> torch.Tensor:
-    """Draw one token per row from softmax(scores / temperature) truncated to the top-p nucleus,
-    with the random streams `keys` (one per row, see `row_keys`) at decoding step `step`.
-    `scores`: logits (float32 after the logits processors, or the model's own dtype: the softmax
-    is always computed in float32). temperature == 0 returns the argmax (greedy)."""
-    if temperature == 0:
-        return scores.argmax(dim=-1)
-    return _draw(scores, torch.arange(scores.shape[0], device=scores.device), keys, step, temperature=temperature,
-                 top_p=top_p)
-
-
-def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Per row, the probability of the least likely token of the nucleus: the most likely tokens,
-    in descending order, up to and including the first one at which their probability reaches
-    top_p (tokens tied with it are kept too). The candidates are the top 256 tokens (`topk`, no
-    sort of the vocabulary); rows whose nucleus is larger try the top 4096, and only rows still
-    not covered are sorted in full."""
-    rows, vocab = probs.shape
-    total = probs.sum(dim=1).double()
-    if not torch.isfinite(total).all() or not (total > 0).all():
-        raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
-    floor = torch.empty(rows, dtype=probs.dtype, device=probs.device)
-    pending = torch.arange(rows, device=probs.device)
-    for k in (*_TOP_P_CANDIDATES, vocab):
-        k = min(k, vocab)
-        top = probs[pending].topk(k, dim=1).values if k < vocab else probs[pending].sort(dim=1, descending=True).values
-        cdf = top.double().cumsum(dim=1) / total[pending, None]
-        covered = (cdf[:, -1] >= top_p) | (k == vocab)
-        # keep rank r iff the mass strictly before it is < top_p (always the top token)
-        before = torch.nn.functional.pad(cdf[:, :-1], (1, 0))
-        size = (before < top_p).sum(dim=1).clamp(min=1)
-        floor[pending[covered]] = top.gather(1, (size - 1)[:, None])[:, 0][covered]
-        pending = pending[~covered]
-        if pending.numel() == 0:
-            break
-    return floor
-
-
-# ---------------------------------------------------------------------------------------------
-# key/value cache allocated once per batch
-
-
-def _kv_cache(capacity: int, row_capacity: int = 0):
-    """A transformers Cache whose layers write into buffers of `capacity` positions (and room for
-    `row_capacity` rows) allocated on the first update, instead of concatenating a new tensor at
-    every step (which copies the whole cache once per token). Rows are the distinct prefixes being
-    decoded: `add_rows(parents)` appends copies of existing rows (a prefix that continues with
-    several different tokens), `keep_rows(keep)` compacts the buffer to the rows still needed."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        def lazy_initialization(self, key_states, value_states):
-            self.dtype, self.device = key_states.dtype, key_states.device
-            rows, heads, _, dim = key_states.shape
-            self._keys = key_states.new_empty(max(rows, row_capacity), heads, capacity, dim)
-            self._values = value_states.new_empty(max(rows, row_capacity), heads, capacity, value_states.shape[-1])
-            self.rows, self.length = rows, 0
-            self._views()
-            self.is_initialized = True
-
-        def _views(self):
-            self.keys = self._keys[:self.rows, :, :self.length]
-            self.values = self._values[:self.rows, :, :self.length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            if end > capacity:
-                raise RuntimeError(f"key/value cache of {capacity} positions is full")
-            if key_states.shape[0] != self.rows:
-                raise RuntimeError(f"the cache holds {self.rows} rows but the model ran {key_states.shape[0]}")
-            self._keys[:self.rows, :, self.length:end] = key_states
-            self._values[:self.rows, :, self.length:end] = value_states
-            self.length = end
-            self._views()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length if self.is_initialized else 0
-
-        def get_max_length(self) -> int:
-            return capacity
-
-        def add_rows(self, parents: torch.Tensor) -> None:
-            if not self.is_initialized:
-                return
-            need = self.rows + len(parents)
-            if need > self._keys.shape[0]:  # grow (rare: the room is sized for the batch)
-                for name in ("_keys", "_values"):
-                    old = getattr(self, name)
-                    new = old.new_empty(max(need, 2 * old.shape[0]), *old.shape[1:])
-                    new[:self.rows, :, :self.length] = old[:self.rows, :, :self.length]
-                    setattr(self, name, new)
-            self._keys[self.rows:need, :, :self.length] = self._keys[parents, :, :self.length]
-            self._values[self.rows:need, :, :self.length] = self._values[parents, :, :self.length]
-            self.rows = need
-            self._views()
-
-        def keep_rows(self, keep: torch.Tensor) -> None:
-            if not self.is_initialized:
-                return
-            self._keys[:len(keep), :, :self.length] = self._keys[keep, :, :self.length]  # the index copies first
-            self._values[:len(keep), :, :self.length] = self._values[keep, :, :self.length]
-            self.rows = len(keep)
-            self._views()
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self.keep_rows(indices)
-
-        def crop(self, tokens_to_remove: int) -> None:  # pragma: no cover - not used here
-            raise NotImplementedError
-
-    return Cache(layer_class_to_replicate=PreallocatedLayer)
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_keyword(model_class: type) -> str:
-    """The name under which `model_class.forward` takes a key/value cache: `cache` since
-    transformers deprecated `past_key_values` (5.24, removal in 5.40), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def cache_argument(model, cache) -> dict:
-    """`{name: cache}` for a forward call of `model` (a transformers or peft model)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {_cache_keyword(type(inner)): cache}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +152,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     answers = len(row_prompt)
-    cache = _kv_cache(width + max_new_tokens, row_capacity=len(prompts) + answers)
+    cache = kv_cache(width + max_new_tokens, row_capacity=len(prompts) + answers)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
     logits = out.logits[:, -1]
@@ -413,7 +197,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             tokens[is_greedy] = scores.argmax(dim=-1)[answer_slot[is_greedy]]
         if not is_greedy.all():
             draw = ~is_greedy
-            tokens[draw] = _draw(scores, answer_slot[draw], keys[answer_index[draw.cpu()].numpy()], step,
+            tokens[draw] = draws.draw(scores, answer_slot[draw], keys[answer_index[draw.cpu()].numpy()], step,
                                  temperature=temperature, top_p=top_p)
         if observer is not None:
             observer(answer_index.numpy(), step, logits, answer_slot, tokens)
@@ -521,7 +305,7 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
             if i not in prompts:
                 prompts[i] = encode_prompt(tokenizer, questions[i])
         local = {i: k for k, i in enumerate(distinct)}
-        keys = row_keys(seed, [questions[i] for i, _ in chunk], [j for _, j in chunk])
+        keys = draws.row_keys(seed, [questions[i] for i, _ in chunk], [j for _, j in chunk])
         greedy_rows = np.array([j == GREEDY for _, j in chunk])
         observer = None
         if step_observer is not None:
@@ -576,41 +360,6 @@ def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_token
     per_question = [ids[k * width:(k + 1) * width] for k in range(len(questions))]
     greedy = [rows_[0] for rows_ in per_question] if with_greedy else None
     return greedy, [rows_[len(first):] for rows_ in per_question]
-
-
-SAMPLERS = ("ours", "vllm")
-
-
-def load_sampler(path, *, sampler: str = "ours", quantization: str | None = None, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, lora: bool | None = None, dtype: torch.dtype | None = None):
-    """What to sample a model from (anything `models.load_model` takes): `(model, tokenizer)` for our
-    sampler, or `(engine, tokenizer)` for `sampler="vllm"`, an engine of `vllm_backend.shared_sampler`
-    in the dtype our sampler would use (`dtype`: another one, for both samplers). On a GPU (`lora=None` or True) it starts once per base model
-    and saved adapters become LoRA requests on it; on a CPU, where vLLM's LoRA is slow, each adapter
-    is merged and gets an engine of its own. `tensor_parallel_size` and `data_parallel_size` go to
-    vLLM. Either goes to `sample_answers`, `greedy_answers`, `greedy_and_sampled_answers` and
-    `probabilistic.evaluate_model`, which give the same tables. `close_samplers()` shuts a vLLM
-    engine down."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sampler == "ours":
-        from probunlearn.models import load_model
-
-        return load_model(path, quantization=quantization, dtype=dtype)
-    from probunlearn.models import default_device, default_dtype, load_tokenizer
-    from probunlearn.vllm_backend import shared_sampler
-
-    tokenizer = load_tokenizer(path)
-    name = str(dtype or default_dtype(default_device())).removeprefix("torch.")  # the weights ours would use
-    return shared_sampler(path, tokenizer, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
-                          data_parallel_size=data_parallel_size, lora=lora, dtype=name), tokenizer
-
-
-def close_samplers() -> None:
-    """Shut down the vLLM engine `load_sampler` started, if any (our sampler holds nothing)."""
-    from probunlearn import vllm_backend
-
-    vllm_backend.close_shared_sampler()
 
 
 def _is_engine(model) -> bool:

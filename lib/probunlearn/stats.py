@@ -84,6 +84,39 @@ def paired_verdict(baseline, variant, *, confidence: float = CONFIDENCE, seed: i
             "p_value": p_value, "cells": interval["cells"], "verdict": verdict}
 
 
+def paired_verdicts(cells, *, compare: str, reference, metrics: Sequence[str], within: Sequence[str] = (),
+                    on: Sequence[str] = ("seed", "question"), reference_role: str = "baseline",
+                    sort_cells: bool = False):
+    """`paired_verdict` for many pairs of a long table of cells, one row each: within each group of
+    the `within` columns (in the order they first appear), every value of the column `compare` other
+    than `reference` against `reference`, on the same cells (`on`), for each of `metrics`.
+
+    `reference_role`: "baseline" (the default) tests whether the other value is lower than the
+    reference; "variant" whether the reference is lower than the other value. `sort_cells`: pair the
+    cells in the order of `on` (else in the order the reference's cells appear; the order changes only
+    the bootstrap's draws). Columns: the `within` columns, `compare`, `metric`, `seeds` (distinct
+    seeds of the other value's cells) and `paired_verdict`'s keys."""
+    import pandas as pd
+
+    if reference_role not in ("baseline", "variant"):
+        raise ValueError(f"reference_role must be 'baseline' or 'variant', got {reference_role!r}")
+    rows = []
+    for key, group in (cells.groupby(list(within), sort=False) if within else [((), cells)]):
+        key = key if isinstance(key, tuple) else (key,)
+        base = group[group[compare] == reference].set_index(list(on))
+        base = base.sort_index() if sort_cells else base
+        for value, part in group.groupby(compare, sort=False):
+            if value == reference:
+                continue
+            other = part.set_index(list(on))
+            for metric in metrics:
+                pair = (base[metric].to_numpy(), other[metric].reindex(base.index).to_numpy())
+                verdict = paired_verdict(*(pair if reference_role == "baseline" else pair[::-1]))
+                rows.append({**dict(zip(within, key)), compare: value, "metric": metric,
+                             "seeds": int(part["seed"].nunique()), **verdict})
+    return pd.DataFrame(rows)
+
+
 def summarise_cells(cells, by: Sequence[str], metrics: Sequence[str], *, confidence: float = CONFIDENCE):
     """Per group of `cells` (a long table, one row per (seed, question) and whatever `by` names),
     for each metric: `<metric>` (the mean over the group's cells), `<metric>_low`, `<metric>_high`

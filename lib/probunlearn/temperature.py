@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from probunlearn import bounds
+from probunlearn.probabilistic import evaluate_model, score_samples
 from probunlearn.sampling import DecodingStep, answer_texts, sample_rows, sample_token_ids
 
 __all__ = ["next_token_entropy", "EntropyRecorder", "AdaptiveTemperature", "ConfidenceTemperature",
@@ -301,8 +302,6 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
     (1.0 without replay)}}, 'entropies': {split: per-step entropies of the plain pass}}. The
     statistics count every decoded answer, the greedy answer of each question included (1 of n + 1);
     greedy answers are the same in every pass (the low branch keeps the argmax)."""
-    from probunlearn.probabilistic import evaluate_model, score_samples
-
     unknown = sorted(set(readings) - set(READINGS))
     if unknown:
         raise ValueError(f"unknown readings {unknown}; choose from {sorted(READINGS)}")

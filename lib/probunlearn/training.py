@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn.models import (META_FILE, AnswerOnlyCollator, FrozenTrunk, add_lora, answer_loss, format_prompt,
-                                load_model, load_tokenizer, model_device, save_adapter, training_attention)
+from probunlearn.answers import FrozenTrunk, answer_loss
+from probunlearn.hardware import model_device
+from probunlearn.models import (AnswerOnlyCollator, META_FILE, add_lora, format_prompt, load_model, load_tokenizer,
+                                save_adapter, training_attention)
 from probunlearn.utils import load_json, save_json, set_seed
 
 
@@ -27,8 +29,8 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
                weight_decay: float = 0.0, progress: bool = True, desc: str = "fine-tune") -> list[dict]:
     """Minimise the answer-only NLL of `dataset` over the trainable (LoRA) parameters of `model`.
     AdamW with linear warm-up and decay. Returns the loss log: one dict per optimiser step.
-    The blocks below the adapter run once per example (`models.FrozenTrunk`), the output head on
-    answer positions only (`models.answer_loss`)."""
+    The blocks below the adapter run once per example (`answers.FrozenTrunk`), the output head on
+    answer positions only (`answers.answer_loss`)."""
     if not hasattr(model, "peft_config"):
         raise ValueError("train_lora trains a LoRA adapter and the model has none: wrap it with "
                          "probunlearn.models.add_lora first")

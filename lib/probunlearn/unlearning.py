@@ -27,13 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn.evaluation import score_answers, split_summary
-from probunlearn.models import (AnswerOnlyCollator, FrozenTrunk, add_lora, encode_qa, load_model, model_device,
-                                training_attention)
+from probunlearn.answers import FrozenTrunk
+from probunlearn.hardware import model_device
+from probunlearn.models import AnswerOnlyCollator, add_lora, encode_qa, load_model, training_attention
 from probunlearn.objectives import StepOutputs, check_hparams, method_objective
 from probunlearn.utils import set_seed
 
@@ -160,7 +159,7 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     every position of). `pad_to`: pad every batch to this many positions ([P1]'s code pads to 256;
     only quantities that average over padding notice). `seed` orders the batches (and the random
     mismatch answers); the adapter's initialisation is the caller's (`reset_adapter`). `trunk`: a
-    `models.FrozenTrunk` of the model (default: a new one), which runs the frozen blocks below the
+    `answers.FrozenTrunk` of the model (default: a new one), which runs the frozen blocks below the
     adapter once per sequence; pass one trunk to every run on the same target to share that work.
     A NaN or infinite loss stops the run with a FloatingPointError naming the method and step.
     """
@@ -245,197 +244,3 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     model.eval()
     run.seconds = time.perf_counter() - start
     return run
-
-
-# ----------------------------------------------------------------------------- evaluation
-# Greedy answers and likelihoods of all splits go through the model together (fewer, fuller
-# batches: on a CPU a decoding step costs about the same for 4 questions as for 32).
-
-
-def greedy_tables(model, tokenizer, splits: Mapping, *, max_new_tokens: int = 48, batch_size: int = 32) -> dict:
-    """`evaluation.greedy_scores` of several splits with one decoding pass over all their
-    questions: {split: table with question, answer, generated, rouge_l_recall, keyword_hit}."""
-    from probunlearn.sampling import greedy_answers
-
-    questions = [q for dataset in splits.values() for q in dataset["question"]]
-    generated = iter(greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, progress=False))
-    return {name: score_answers(dataset, [next(generated) for _ in range(len(dataset))])
-            for name, dataset in splits.items()}
-
-
-def nll_tables(model, tokenizer, splits: Mapping, *, fields: Sequence[str] = ("answer",),
-               batch_size: int = 32, real_world: Sequence[str] = ("utility",)) -> dict:
-    """Answer NLLs (`metrics.answer_nll`) of several splits in one pass. `fields`: any of
-    `answer`, `paraphrased` (not for the `real_world` splits, whose paraphrase is the answer,
-    SPEC §4), `perturbed`. Returns {split: {"answer_nll": array, "paraphrased_nll": array,
-    "perturbed_nll": [array per question]}}."""
-    from probunlearn.metrics import answer_nll
-
-    questions, answers, keys = [], [], []
-    for name, dataset in splits.items():
-        for i, record in enumerate(dataset):
-            items = []
-            if "answer" in fields:
-                items.append(("answer", record["answer"]))
-            if "paraphrased" in fields and name not in real_world:
-                items.append(("paraphrased", record["paraphrased_answer"]))
-            if "perturbed" in fields:
-                items += [("perturbed", a) for a in record["perturbed_answer"]]
-            for kind, answer in items:
-                questions.append(record["question"])
-                answers.append(answer)
-                keys.append((name, kind, i))
-    nll = answer_nll(model, tokenizer, questions, answers, batch_size=batch_size)
-    out = {name: {"perturbed_nll": [[] for _ in range(len(dataset))]} for name, dataset in splits.items()}
-    for (name, kind, i), value in zip(keys, nll):
-        if kind == "perturbed":
-            out[name]["perturbed_nll"][i].append(value)
-        else:
-            out[name].setdefault(f"{kind}_nll", []).append(value)
-    for name, table in out.items():
-        for key, values in table.items():
-            table[key] = [np.asarray(v) for v in values] if key == "perturbed_nll" else np.asarray(values)
-        if "perturbed" not in fields:
-            del table["perturbed_nll"]
-    return out
-
-
-PER_QUESTION = "_per_question"  # suffix of the per-question lists in a trace row
-
-
-def trunk_answer_nll(model, tokenizer, questions, answers, trunk, *, batch_size: int = 32) -> np.ndarray:
-    """`metrics.answer_nll` through a `models.FrozenTrunk`: the blocks below the adapter run once
-    per sequence for every model that shares them (each evaluation of an unlearning run, each
-    mixing weight), and the output head runs on answer positions only. The same numbers up to
-    float rounding (the tests compare them)."""
-    from probunlearn.metrics import answer_token_stats, token_summaries
-
-    stats = answer_token_stats(model, tokenizer, questions, answers, batch_size=batch_size, trunk=trunk)
-    return token_summaries(stats)["nll"]
-
-
-# the likelihood numbers of a trace row, per split: all from one teacher-forced pass
-LIKELIHOOD_METRICS = ("nll", "extraction_strength", "exact_memorization")
-
-
-def likelihood_metrics(model, tokenizer, dataset, *, batch_size: int = 32, trunk=None) -> dict[str, np.ndarray]:
-    """Per question of `dataset`: answer NLL, Extraction Strength and Exact Memorization
-    (`metrics.extraction_strength`, `metrics.exact_memorization`), from one teacher-forced pass
-    (`metrics.answer_token_stats`, through `trunk` when given)."""
-    from probunlearn.metrics import answer_token_stats, token_summaries
-
-    stats = answer_token_stats(model, tokenizer, dataset["question"], dataset["answer"], batch_size=batch_size,
-                               trunk=trunk if trunk is not None and trunk.enabled else None)
-    return token_summaries(stats)
-
-
-def trace_metrics(model, tokenizer, eval_sets: Mapping, *, max_new_tokens: int = 48, batch_size: int = 32,
-                  nll: bool = True, per_question: bool = False, trunk=None, greedy: bool = True) -> dict:
-    """The numbers tracked during unlearning, per split of `eval_sets` (e.g. forget, retain):
-    `<split>_rouge_l_recall` and `<split>_keyword_hit` of greedy answers, and (`nll=True`) the
-    teacher-forced `<split>_nll` (mean answer NLL), `<split>_extraction_strength` ([P2] v2) and
-    `<split>_exact_memorization` (`likelihood_metrics`). `per_question=True` adds the lists behind
-    the means, `<split>_<metric>_per_question`, for statistics over (seed, question) cells
-    (`control.variant_cells`). `trunk`: a `models.FrozenTrunk` of this model, for the
-    teacher-forced numbers (the frozen blocks run once per sequence, not once per evaluation).
-    `greedy=False` skips the decoding (a bar metric that needs only likelihoods)."""
-    row = {}
-    if greedy:
-        for name, table in greedy_tables(model, tokenizer, eval_sets, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size).items():
-            row |= split_summary(name, table)
-            if per_question:
-                row[f"{name}_rouge_l_recall{PER_QUESTION}"] = table["rouge_l_recall"].round(6).tolist()
-                row[f"{name}_keyword_hit{PER_QUESTION}"] = table["keyword_hit"].tolist()
-    if nll:
-        for name, dataset in eval_sets.items():
-            for metric, values in likelihood_metrics(model, tokenizer, dataset, batch_size=batch_size,
-                                                     trunk=trunk).items():
-                row[f"{name}_{metric}"] = float(values.mean())
-                if per_question and metric != "nll":
-                    row[f"{name}_{metric}{PER_QUESTION}"] = values.round(6).tolist()
-    return row
-
-
-def metric_scorer(tokenizer, eval_sets: Mapping, metric: str, *, max_new_tokens: int = 48,
-                  batch_size: int = 32, trunk=None) -> Callable:
-    """`score(model) -> float`: one `trace_metrics` number (e.g. the bar metric
-    `retain_rouge_l_recall`, or [P2] v2's `retain_extraction_strength`), computing only the split
-    it needs, and no decoding for a teacher-forced metric (`LIKELIHOOD_METRICS`; `trunk` serves
-    those). Used by `choose_mixing`."""
-    split = next((name for name in eval_sets if metric.startswith(f"{name}_")), None)
-    if split is None:
-        raise ValueError(f"metric {metric!r} names none of the splits {', '.join(eval_sets)}; "
-                         f"use e.g. 'retain_rouge_l_recall'")
-
-    likelihood = metric.endswith(tuple(f"_{m}" for m in LIKELIHOOD_METRICS))
-
-    def score(model) -> float:
-        row = trace_metrics(model, tokenizer, {split: eval_sets[split]}, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, nll=likelihood, greedy=not likelihood, trunk=trunk)
-        if metric not in row:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(row)}")
-        return row[metric]
-
-    return score
-
-
-def forget_truth_ratios(model, tokenizer, forget_set, *, batch_size: int = 32) -> np.ndarray:
-    """Truth ratios R of `model` on the forget set (SPEC §4), the input of Forget Quality."""
-    from probunlearn.metrics import truth_ratio
-
-    table = nll_tables(model, tokenizer, {"forget": forget_set}, fields=("paraphrased", "perturbed"),
-                       batch_size=batch_size)["forget"]
-    return truth_ratio(table["paraphrased_nll"], table["perturbed_nll"])
-
-
-def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratios, max_new_tokens: int = 48,
-                        batch_size: int = 32) -> dict:
-    """One row of the comparison table (SPEC §4) for a model, from `splits` with `forget`,
-    `retain` and `utility`:
-
-    - greedy `forget_/retain_/utility_rouge_l_recall` and `_keyword_hit`;
-    - `utility_accuracy`: the true answer more likely than each wrong one (`evaluation.choice_accuracy`);
-    - `forget_/retain_extraction_strength` and `_exact_memorization` (`likelihood_metrics`);
-    - `forget_truth_ratio` (mean min(R, 1/R)) and `forget_quality`: KS p-value against
-      `retain_truth_ratios` (the retain model's truth ratios on the same forget questions,
-      `forget_truth_ratios`);
-    - `model_utility`: harmonic mean of Prob, ROUGE-L and truth-ratio score on retain and on the
-      utility set (our real-world set: normalised Prob, the true answer as paraphrase), plus the
-      six components as `mu_<split>_<metric>`.
-
-    Every question of each split is answered greedily and scored on 5 (4 on utility) answers:
-    cap the splits (`evaluation.cap`) to fit a CPU budget.
-    """
-    from probunlearn.metrics import forget_quality, model_utility, split_scores, truth_ratio, truth_ratio_score
-
-    splits = {name: splits[name] for name in ("forget", "retain", "utility")}
-    row = {}
-    data = nll_tables(model, tokenizer, splits, fields=("answer", "paraphrased", "perturbed"), batch_size=batch_size)
-    for name, table in greedy_tables(model, tokenizer, splits, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size).items():
-        row |= split_summary(name, table)
-        data[name]["rouge_l"] = table["rouge_l_recall"].to_numpy()
-    utility = data["utility"]
-    row["utility_accuracy"] = float(np.mean([true < wrong.min() for true, wrong
-                                             in zip(utility["answer_nll"], utility["perturbed_nll"])]))
-    ratios = truth_ratio(data["forget"]["paraphrased_nll"], data["forget"]["perturbed_nll"])
-    if len(ratios) != len(retain_truth_ratios):
-        raise ValueError(f"{len(ratios)} forget questions evaluated but {len(retain_truth_ratios)} retain-model "
-                         "truth ratios: compute them with forget_truth_ratios on the same (capped) forget set")
-    row["forget_truth_ratio"] = truth_ratio_score(ratios, "forget")
-    row["forget_quality"] = forget_quality(ratios, retain_truth_ratios)
-    row["forget_nll"] = float(np.mean(data["forget"]["answer_nll"]))
-    row["retain_nll"] = float(np.mean(data["retain"]["answer_nll"]))
-    for name in ("forget", "retain"):
-        for metric, values in likelihood_metrics(model, tokenizer, splits[name], batch_size=batch_size).items():
-            if metric != "nll":
-                row[f"{name}_{metric}"] = float(values.mean())
-    components = {f"mu_retain_{k}": v for k, v in split_scores("retain", data["retain"]).items()}
-    # our utility set plays TOFU's real-world role (world facts): normalised Prob, answer as paraphrase
-    components |= {f"mu_utility_{k}": v for k, v in split_scores("world_facts", utility).items()}
-    row["model_utility"] = model_utility(components)
-    return {**row, **components}
-
-

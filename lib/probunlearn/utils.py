@@ -5,6 +5,7 @@ Used by every notebook; settings live in the profile YAML files (`probunlearn/pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,9 +17,6 @@ from typing import Any
 import numpy as np
 
 PROFILES = ("smoke", "tofu-smoke", "cpu", "paper")
-# The settings that cap the instruction set torch's kernels use (`make ... CPU_AS=avx2` sets all three):
-# on an AVX-512 machine they give the timings of an AVX2-only one.
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def set_seed(seed: int) -> None:
@@ -59,6 +57,13 @@ def results_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """`$PROBUNLEARN_CACHE`, default `~/.cache/probunlearn`."""
+    return Path(os.environ.get("PROBUNLEARN_CACHE", Path.home() / ".cache" / "probunlearn"))
+
+
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,55 +88,6 @@ def _to_builtin(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"cannot serialise {type(x).__name__}")
-
-
-def machine() -> dict[str, Any]:
-    """What this machine is, for every reported time: CPU model, its vector extensions that matter
-    for matrix work (AVX2, AVX-512, AVX512-BF16, AMX), whether bfloat16 is the faster dtype (AMX, or
-    AVX512-BF16 measured faster, `models.bf16_speedup`; else the default dtype is float32), threads,
-    and the torch version."""
-    import platform
-
-    import torch
-
-    from probunlearn.models import cpu_bf16_measurement, cpu_has_bf16
-
-    flags, name = set(), platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:  # not Linux: the flags stay unknown
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    # An instruction-set cap (e.g. ONEDNN_MAX_CPU_ISA=AVX2) makes an AVX-512 machine time like an AVX2-only one.
-    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
-    return {"cpu": name, "features": [f for f in wanted if f in flags], "native_bf16": cpu_has_bf16(),
-            "bf16_speedup": cpu_bf16_measurement(), "isa_caps": caps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def describe_machine(info: dict[str, Any] | None = None) -> str:
-    """One line naming the machine (`machine()`), as the reproduce engine and the benchmarks print it."""
-    info = info or machine()
-    measured = info.get("bf16_speedup")
-    if info["native_bf16"]:
-        kind = f"AVX512-BF16, bfloat16 measured {measured:.1f}x float32: bfloat16" if measured else "AMX: bfloat16"
-    elif measured:
-        kind = f"AVX512-BF16, bfloat16 measured {measured:.1f}x float32: float32"
-    elif "avx512f" in info["features"]:
-        kind = "AVX-512, no native bfloat16: float32"
-    else:
-        kind = "AVX2 class: float32"
-    if info.get("isa_caps"):
-        kind += ", capped by " + " ".join(f"{k}={v}" for k, v in info["isa_caps"].items())
-    gpu = f", GPU {info['cuda']}" if info["cuda"] else ""
-    return (f"{info['cpu']} ({', '.join(info['features']) or 'no AVX2'}; {kind}), {info['threads']} threads, "
-            f"torch {info['torch']}{gpu}")
 
 
 class _BnbNotices:
@@ -191,6 +147,22 @@ def import_bitsandbytes_offline() -> bool:
         else:
             sys.modules["kernels"] = kernels
     return True
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Within the block, `datasets` shows no progress bar: its bars for trivial operations ("Filter",
+    "Creating json from Arrow format") would clutter every data cell of the notebooks, where a
+    student should see only the bars of long work (training, sampling, evaluation)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    enabled = not are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            enable_progress_bars()
 
 
 def set_style() -> None:

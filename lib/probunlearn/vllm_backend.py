@@ -1,6 +1,6 @@
 """Sampling through vLLM, for paper-scale runs on GPUs (SPEC §5): pass a `VLLMSampler` where the
 sampling functions take a model (`sampling.sample_answers(VLLMSampler(...), tokenizer, ...)`).
-Notebook 05 gets one through `sampling.load_sampler(path, sampler=SAMPLER)` (`shared_sampler`):
+Notebook 05 gets one through `backends.load_sampler(path, sampler=SAMPLER)` (`shared_sampler`):
 the paper profile has `SAMPLER: vllm`, the CPU profiles `ours`.
 
 On a CPU our own sampler (`probunlearn.sampling`) is the faster and the exact-by-construction engine
@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from pathlib import Path
 from typing import Sequence
+
+from probunlearn.models import META_FILE, adapter_base, encode_prompt, load_model, resolve_model
 
 __all__ = ["vllm_available", "VLLMSampler", "answer_seed", "engine_model", "shared_sampler", "close_shared_sampler",
            "merged_directory"]
@@ -138,8 +141,6 @@ class VLLMSampler:
         question): `result[i][j]` are the tokens of answer j to question i, EOS excluded."""
         from vllm import SamplingParams
 
-        from probunlearn.models import encode_prompt
-
         if logits_processors or step_observer is not None:
             raise NotImplementedError("the vLLM backend runs vLLM's own sampler: logits processors (adaptive "
                                       "temperature, EntropyRecorder) and step observers need our sampler "
@@ -185,17 +186,13 @@ def engine_model(path, *, lora: bool = True) -> tuple[str, str | None]:
     name or directory as it is; a saved adapter as its base plus the adapter (`lora=False`: merged
     into its base once, `<adapter>/merged`), where a base that is itself an adapter is merged once
     into `<base>/merged` (`merged_directory`)."""
-    from pathlib import Path
-
-    from probunlearn.models import META_FILE, _resolve, adapter_base
-
     path = Path(str(path))
     if not (path / META_FILE).exists():
-        return _resolve(str(path)), None
+        return resolve_model(str(path)), None
     if not lora:
         return str(merged_directory(path)), None
     base = adapter_base(path)
-    base = str(merged_directory(Path(base))) if (Path(base) / META_FILE).exists() else _resolve(base)
+    base = str(merged_directory(Path(base))) if (Path(base) / META_FILE).exists() else resolve_model(base)
     return base, str(path)
 
 
@@ -239,14 +236,10 @@ def close_shared_sampler() -> None:
         engine.close()
 
 
-def merged_directory(adapter_dir) -> "Path":
+def merged_directory(adapter_dir) -> Path:
     """`<adapter_dir>/merged`: the adapter merged into its base and saved as a plain model directory
     (with the tokenizer), written once; what vLLM loads as the base of further adapters."""
-    from pathlib import Path
-
     import torch
-
-    from probunlearn.models import load_model
 
     target = Path(adapter_dir) / "merged"
     if (target / "config.json").exists():

@@ -1,0 +1,135 @@
+"""The cheap attacks on an unlearned model (notebook 06): relearning on half of the forget questions,
+a 4-bit and an 8-bit reload of its weights (the quantisation attack of Zhang et al. 2024, arXiv
+2410.16454, through `quantization`), and sampling; each attacked model is evaluated by sampling on
+the other half of the forget questions (`probabilistic.evaluate_model`), and the verdicts pair every
+attack with no attack on the same (seed, question) cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from probunlearn.models import adapter_base, add_lora, load_adapter, load_model, merge_adapter
+from probunlearn.probabilistic import evaluate_model, list_models, question_cells, spread_subset
+from probunlearn.quantization import quantization_code_change, quantized_copies, quantized_copy
+from probunlearn.stats import paired_verdicts
+from probunlearn.training import train_lora
+
+NO_ATTACK = "none"
+RELEARNED = "relearned"
+# The verdict of "is the model without an attack lower than the attacked one?", as notebook 06 names it.
+VERDICT_NAMES = {"lower": "brings back", "not lower": "brings nothing back", "inconclusive": "inconclusive"}
+
+
+def relearning_halves(forget, num_measured: int | None):
+    """`(relearn_set, measured)`: every author's forget questions alternate between the relearning
+    half and the measured half (first, third, ... question of an author: relearning), and the measured
+    half is cut to `num_measured` questions spread over it (`spread_subset`; None: all)."""
+    position, half = {}, []
+    for author in forget["author"]:
+        position[author] = position.get(author, -1) + 1
+        half.append(position[author] % 2)
+    relearn_set = forget.select([i for i, h in enumerate(half) if h == 0])
+    measured = spread_subset(forget.select([i for i, h in enumerate(half) if h == 1]), num_measured)
+    if set(relearn_set["question"]) & set(measured["question"]):
+        raise ValueError("a question is in both halves: the forget set repeats a question")
+    return relearn_set, measured
+
+
+def attack_runs(results: str | Path, base_model: str, names: Sequence[str], seeds: Sequence[int]):
+    """`(target_dir, runs)`: the saved target of a results folder, and the models to attack as
+    (name, seed, path): an unlearned model once per seed in `seeds`, a model saved without seeds
+    (the references: target, retain) once, with the first seed."""
+    models = {name: list_models(results, base_model).get(name) for name in ["target", *names]}
+    missing = [name for name, by_seed in models.items() if by_seed is None]
+    if missing:
+        raise FileNotFoundError(f"no saved model {missing} under {Path(results) / 'models'}: "
+                                "run notebook 03 with them in SAVE_MODELS")
+    runs = [(name, seed, path) for name in names
+            for seed, path in (models[name].items() if None not in models[name] else [(seeds[0], models[name][None])])
+            if seed in seeds]
+    return models["target"][None], runs
+
+
+def relearned(model, tokenizer, relearn_set, *, steps: int, learning_rate: float, lora_r: int,
+              top_layers: int | None, seed: int):
+    """The relearning attack: a fresh LoRA adapter (rank `lora_r`, alpha 2r) on `model` itself,
+    trained for `steps` AdamW steps on all of `relearn_set` at once, merged."""
+    model = add_lora(model, r=lora_r, lora_alpha=2 * lora_r, top_layers=top_layers)
+    train_lora(model, tokenizer, relearn_set, epochs=steps, learning_rate=learning_rate,
+               batch_size=len(relearn_set), seed=seed, progress=False)
+    return merge_adapter(model)
+
+
+def weight_change(target_state: dict, model, target_4bit, model_4bit) -> dict:
+    """How far unlearning moved the blocks' weight matrices: the mean relative norm of the update,
+    and the share of 4-bit NF4 codes in which the two models' 4-bit reloads differ."""
+    state = model.state_dict()
+    delta = [(state[k] - w).norm() / w.norm() for k, w in target_state.items() if w.ndim == 2 and ".layers." in k]
+    return {"relative_update": float(torch.stack(delta).mean()),
+            "nf4_codes_changed": quantization_code_change(target_4bit, model_4bit)}
+
+
+def attack_cells(runs, target_dir, measured, relearn_set, *, quantizations: Sequence[str], relearn_steps: int,
+                 relearn_learning_rate: float, relearn_lora_r: int, top_layers: int | None,
+                 sampling: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Every model of `runs` without an attack and under each attack: `(cells, weights, seconds)`.
+
+    For each (name, seed, path): the model (an unlearned one as its adapter on a copy of the target,
+    merged), its quantised reloads (made first), then the model relearned (`relearned`, seeded with
+    the model's seed). Each is evaluated on `measured` with `evaluate_model(..., seed=seed,
+    **sampling)`; `cells` holds one row per (model, seed, attack, question) (`question_cells`).
+    `weights`: `weight_change` of each unlearned model (when "4bit" is among `quantizations`);
+    `seconds`: wall time per model and seed. Prints one line per model."""
+    attacks = [NO_ATTACK, RELEARNED, *quantizations]
+    cells, weights, seconds = [], [], {}
+    target, tokenizer = load_model(target_dir)
+    target_4bit = quantized_copy(target, "4bit") if "4bit" in quantizations else None
+    target_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    on_target = lambda path: Path(adapter_base(path)).resolve() == Path(target_dir).resolve()
+    for name, seed, path in runs:
+        tick = time.perf_counter()
+        if name == "target":
+            model = copy.deepcopy(target)
+        elif on_target(path):  # an unlearned model: its adapter on a copy of the target, merged (no reload from disk)
+            model = merge_adapter(load_adapter(copy.deepcopy(target), path))
+        else:
+            model, _ = load_model(path)
+        attacked = {NO_ATTACK: model, **quantized_copies(model, quantizations)}
+        if target_4bit is not None and name != "target":
+            weights.append({"model": name, "seed": seed,
+                            **weight_change(target_state, model, target_4bit, attacked["4bit"])})
+        for attack in attacks:
+            if attack == RELEARNED:  # trains the model itself (its quantised copies are already made)
+                attacked[RELEARNED] = relearned(model, tokenizer, relearn_set, steps=relearn_steps,
+                                                learning_rate=relearn_learning_rate, lora_r=relearn_lora_r,
+                                                top_layers=top_layers, seed=seed)
+            table, raw = evaluate_model(attacked[attack], tokenizer, {"forget": measured}, seed=seed, **sampling)["forget"]
+            cells.append(question_cells(table).assign(model=name, seed=seed, attack=attack))
+            if attack != NO_ATTACK:
+                del attacked[attack]  # one quantised copy at a time in memory
+        del model, attacked
+        seconds[f"{name}@seed{seed}"] = time.perf_counter() - tick
+        last = pd.concat(cells[-len(attacks):])
+        print(f"{name:>8} seed {seed}: greedy leak / M_bin " + ", ".join(
+            f"{a} {g['greedy_leak'].mean():.2f}/{g['m_bin'].mean():.2f}" for a, g in last.groupby("attack", sort=False))
+              + f"  ({seconds[f'{name}@seed{seed}']:.0f} s)")
+    return pd.concat(cells, ignore_index=True), pd.DataFrame(weights), seconds
+
+
+def attack_verdicts(cells: pd.DataFrame, metrics: Sequence[str] = ("greedy_leak", "m_bin")) -> pd.DataFrame:
+    """Per model, attack and metric: does the attack bring facts back? The paired difference
+    (attacked − no attack) on the same (seed, question) cells, its 95 % interval, the Wilcoxon p-value
+    and the verdict (`VERDICT_NAMES`: "brings back" when the model without the attack is lower)."""
+    verdicts = paired_verdicts(cells, compare="attack", reference=NO_ATTACK, within=["model"], metrics=metrics,
+                               reference_role="variant", sort_cells=True)
+    return pd.DataFrame({"model": verdicts["model"], "attack": verdicts["attack"], "metric": verdicts["metric"],
+                         "difference": 0.0 - verdicts["mean_difference"], "difference_low": 0.0 - verdicts["high"],
+                         "difference_high": 0.0 - verdicts["low"], "p_value": verdicts["p_value"],
+                         "cells": verdicts["cells"], "verdict": verdicts["verdict"].map(VERDICT_NAMES)})

@@ -1,0 +1,137 @@
+"""Drawing tokens exactly (SPEC §5): a counter-based random stream per answer, keyed by (seed,
+question, sample index), and the exponential race (Gumbel-max trick) in two levels over the
+vocabulary, with temperature and the top-p nucleus. `sampling` decodes with these; every answer's
+random numbers depend on its key and step only, never on the batch it is decoded in.
+
+How a token is drawn (an exponential race with counter-based random numbers)
+---------------------------------------------------------------------------
+Row (question q, sample j) at decoding step t draws its random numbers from a counter-based
+stream: draw c is SplitMix64(key + counter * gamma) with key a BLAKE2b hash of (seed, question
+text, j) (SplitMix64: Steele, Lea, Flood 2014), so the stream of a row is a pure function of its
+key and needs no state. The token is argmax_v p_v / E_v with E_v ~ Exp(1) i.i.d. (the exponential
+race, i.e. the Gumbel-max trick), which picks v with probability p_v / Σ p exactly. It runs in two
+levels: a race between 256-token blocks weighted by their mass, then a race inside the winning
+block, so a step needs 448 random numbers per row instead of one per vocabulary token (`race`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64 increment (2**64 / golden ratio)
+RACE_BLOCK = 256  # vocabulary block of the two-level cumulative sum
+TOP_P_CANDIDATES = (256, 4096)  # candidates for the nucleus, tried in turn before a full sort
+
+
+# ----------------------------------------------------------------------------- random numbers: a stream per (seed, question, sample)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The SplitMix64 output function (a bijective 64-bit mixer), on uint64 arrays."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def row_keys(seed: int, questions: Sequence[str], sample_indices: Sequence[int]) -> np.ndarray:
+    """The 64-bit key of each row's random stream: a BLAKE2b hash of (seed, question text, sample
+    index), so the stream of answer j to a question never depends on what else is decoded."""
+    keys = [hashlib.blake2b(f"{seed}\x00{j}\x00{q}".encode(), digest_size=8).digest()
+            for q, j in zip(questions, sample_indices)]
+    return np.array([int.from_bytes(k, "little") for k in keys], dtype=np.uint64)
+
+
+def race_noise(keys: np.ndarray, step: int, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exp(1) noise of decoding step `step` for rows with the given keys: (rows x num_blocks) for
+    the race between vocabulary blocks and (rows x RACE_BLOCK) for the race inside the chosen block.
+    Draw c of step t of a row is SplitMix64(key + (t * (num_blocks + RACE_BLOCK) + c + 1) * gamma),
+    turned into a uniform u in (0, 1) (53 bits) and into -log(u)."""
+    width = num_blocks + RACE_BLOCK
+    counters = np.arange(step * width + 1, (step + 1) * width + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(np.asarray(keys, dtype=np.uint64)[:, None] + counters[None, :] * GAMMA)
+    noise = -np.log(((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53)
+    return noise[:, :num_blocks], noise[:, num_blocks:]
+
+
+# ----------------------------------------------------------------------------- one sampling step
+
+
+def race(probs: torch.Tensor, keys: np.ndarray, step: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Index drawn with probability probs[r, v] / probs[r].sum() for each answer: the exponential
+    race (Gumbel-max trick), argmax_v probs[v] / E_v with E_v ~ Exp(1) i.i.d., in two levels.
+    First a race between blocks of RACE_BLOCK tokens, weighted by the block's mass, then a race
+    between the tokens of the winning block: P(v) = (M_b / M) (p_v / M_b) = p_v / M. Two levels
+    need 448 random numbers per answer and step instead of one per vocabulary token.
+    `rows[k]`: the row of `probs` that answer k (random stream `keys[k]`) draws from (default: row k);
+    answers with the same prefix share a row of probabilities, never their random numbers."""
+    num_rows, vocab = probs.shape
+    if rows is None:
+        rows = torch.arange(num_rows, device=probs.device)
+    pad = (-vocab) % RACE_BLOCK
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    blocks = probs.view(num_rows, -1, RACE_BLOCK)
+    mass = blocks.sum(dim=2).double()  # rows x blocks
+    if not torch.isfinite(mass).all() or not (mass.sum(dim=1) > 0).all():
+        raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
+    block_noise, token_noise = (torch.from_numpy(x).to(probs.device) for x in race_noise(keys, step, blocks.shape[1]))
+    block = (mass[rows] / block_noise).argmax(dim=1)
+    inside = blocks[rows, block].double()
+    return block * RACE_BLOCK + (inside / token_noise).argmax(dim=1)
+
+
+def draw(scores: torch.Tensor, rows: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float,
+          top_p: float) -> torch.Tensor:
+    """One token per answer k from softmax(scores[rows[k]] / temperature) truncated to the top-p
+    nucleus, with random stream keys[k]; the softmax and the nucleus are computed once per row used."""
+    used, local = torch.unique(rows, return_inverse=True)
+    scores = scores[used]
+    if temperature != 1.0:
+        scores = scores.float() / temperature
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
+    if top_p < 1.0:
+        probs = torch.where(probs >= nucleus_floor(probs, top_p)[:, None], probs, 0.0)
+    return race(probs, keys, step, local)
+
+
+def next_token(scores: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float = 1.0,
+               top_p: float = 1.0) -> torch.Tensor:
+    """Draw one token per row from softmax(scores / temperature) truncated to the top-p nucleus,
+    with the random streams `keys` (one per row, see `row_keys`) at decoding step `step`.
+    `scores`: logits (float32 after the logits processors, or the model's own dtype: the softmax
+    is always computed in float32). temperature == 0 returns the argmax (greedy)."""
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    return draw(scores, torch.arange(scores.shape[0], device=scores.device), keys, step, temperature=temperature,
+                 top_p=top_p)
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row, the probability of the least likely token of the nucleus: the most likely tokens,
+    in descending order, up to and including the first one at which their probability reaches
+    top_p (tokens tied with it are kept too). The candidates are the top 256 tokens (`topk`, no
+    sort of the vocabulary); rows whose nucleus is larger try the top 4096, and only rows still
+    not covered are sorted in full."""
+    rows, vocab = probs.shape
+    total = probs.sum(dim=1).double()
+    if not torch.isfinite(total).all() or not (total > 0).all():
+        raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
+    floor = torch.empty(rows, dtype=probs.dtype, device=probs.device)
+    pending = torch.arange(rows, device=probs.device)
+    for k in (*TOP_P_CANDIDATES, vocab):
+        k = min(k, vocab)
+        top = probs[pending].topk(k, dim=1).values if k < vocab else probs[pending].sort(dim=1, descending=True).values
+        cdf = top.double().cumsum(dim=1) / total[pending, None]
+        covered = (cdf[:, -1] >= top_p) | (k == vocab)
+        # keep rank r iff the mass strictly before it is < top_p (always the top token)
+        before = torch.nn.functional.pad(cdf[:, :-1], (1, 0))
+        size = (before < top_p).sum(dim=1).clamp(min=1)
+        floor[pending[covered]] = top.gather(1, (size - 1)[:, None])[:, 0][covered]
+        pending = pending[~covered]
+        if pending.numel() == 0:
+            break
+    return floor
