@@ -125,15 +125,15 @@ def check_sampler(model, tokenizer, samples: int) -> tuple[bool, bool]:
     ids = torch.tensor([encode_prompt(tokenizer, question)], device=model.device)
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1).double().cpu().numpy()
-    drawn = sample_token_ids(model, tokenizer, [question], n=samples, max_new_tokens=1, seed=0, progress=False)[0]
+    drawn = sample_token_ids(model, tokenizer, [question], num_samples=samples, max_new_tokens=1, seed=0, progress=False)[0]
     first = np.array([answer[0] if answer else tokenizer.eos_token_id for answer in drawn])
     p_value = chi_square_p(np.bincount(first, minlength=probs.size), probs)
     likely = int((probs * samples >= 5).sum())  # chi-square cells: tokens expected >= 5 times, the rest pooled
     exact = line("sampler_exact", p_value > 1e-4, f"{samples} first tokens, {likely} cells, chi-square p = {p_value:.3g}",
                  started)
     started = time.perf_counter()
-    a = sample_token_ids(model, tokenizer, [q for q, _ in QA[:3]], n=8, max_new_tokens=12, seed=3, batch_size=5, progress=False)
-    b = sample_token_ids(model, tokenizer, [q for q, _ in QA[:3]], n=8, max_new_tokens=12, seed=3, batch_size=24, progress=False)
+    a = sample_token_ids(model, tokenizer, [q for q, _ in QA[:3]], num_samples=8, max_new_tokens=12, seed=3, batch_size=5, progress=False)
+    b = sample_token_ids(model, tokenizer, [q for q, _ in QA[:3]], num_samples=8, max_new_tokens=12, seed=3, batch_size=24, progress=False)
     same = a == b
     batch = line("sampler_batch", same, "3 questions x 8 answers x 12 tokens: batch 5 and 24 give "
                  + ("the same answers" if same else "different answers"), started)
@@ -150,7 +150,7 @@ def check_speed(model, tokenizer, questions: int, samples: int, tokens: int) -> 
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     tick = time.perf_counter()
-    ours = sample_token_ids(model, tokenizer, prompts, n=samples, max_new_tokens=tokens, seed=0, progress=False)
+    ours = sample_token_ids(model, tokenizer, prompts, num_samples=samples, max_new_tokens=tokens, seed=0, progress=False)
     ours_seconds = time.perf_counter() - tick
     ours_tokens = sum(len(a) for per_question in ours for a in per_question)
     tick, generated = time.perf_counter(), 0

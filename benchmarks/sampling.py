@@ -59,7 +59,7 @@ def workload(num_questions: int) -> list[str]:
 
 def run_ours(model, tokenizer, questions, args) -> tuple[float, list[int]]:
     start = time.perf_counter()
-    ids = sample_token_ids(model, tokenizer, questions, n=args.samples, temperature=args.temperature,
+    ids = sample_token_ids(model, tokenizer, questions, num_samples=args.samples, temperature=args.temperature,
                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=SEED,
                            batch_size=args.batch_size, progress=False)
     seconds = time.perf_counter() - start

@@ -58,7 +58,7 @@ def test_closed_forms_all_zeros_and_all_ones(n):
     assert bounds.std_upper(zeros) == pytest.approx(expected_std, abs=1e-12)
     assert bounds.std_upper(ones) == pytest.approx(expected_std, abs=1e-12)
     assert bounds.ed_score(zeros) == pytest.approx(min(1.0, e1) + 2 * expected_std)
-    assert bounds.ed_score(zeros, lam=0.5) == pytest.approx(min(1.0, e1) + 0.5 * expected_std)
+    assert bounds.ed_score(zeros, ed_weight=0.5) == pytest.approx(min(1.0, e1) + 0.5 * expected_std)
     # leak@k
     assert bounds.leak_at_k(zeros, 1) == 0.0 and bounds.leak_at_k(ones, n) == 1.0
 
@@ -295,7 +295,7 @@ def test_two_d_equals_row_by_row():
         "upper": upper,
         "mean_upper": bounds.mean_upper(scores),
         "std": bounds.std_upper(scores),
-        "ed": bounds.ed_score(scores, lam=1.5),
+        "ed": bounds.ed_score(scores, ed_weight=1.5),
         "leak3": bounds.leak_at_k(leaks, [1, 3], average=False),
     }
     assert results["std"].shape == (9,) and results["exc_many"].shape == (9, 4)
@@ -309,7 +309,7 @@ def test_two_d_equals_row_by_row():
         assert (results["lower"][i], results["upper"][i]) == pytest.approx(bounds.mean_bounds(row), abs=1e-14)
         assert results["mean_upper"][i] == pytest.approx(bounds.mean_upper(row), abs=1e-14)
         assert results["std"][i] == pytest.approx(bounds.std_upper(row), abs=1e-14)
-        assert results["ed"][i] == pytest.approx(bounds.ed_score(row, lam=1.5), abs=1e-14)
+        assert results["ed"][i] == pytest.approx(bounds.ed_score(row, ed_weight=1.5), abs=1e-14)
         np.testing.assert_allclose(results["leak3"][i], bounds.leak_at_k(row >= 0.5, [1, 3]))
     assert bounds.leak_at_k(leaks, 3) == pytest.approx(results["leak3"][:, 1].mean())
     assert isinstance(bounds.std_upper(scores[0]), float)
@@ -365,8 +365,8 @@ def test_other_bad_arguments_raise():
         with pytest.raises(ValueError, match="x"):
             bounds.exceedance_upper([0.1, 0.2], x)
     for lam in (-1.0, np.inf, "big"):
-        with pytest.raises(ValueError, match="lam"):
-            bounds.ed_score([0.1, 0.2], lam=lam)
+        with pytest.raises(ValueError, match="ed_weight"):
+            bounds.ed_score([0.1, 0.2], ed_weight=lam)
 
 
 # ---------------------------------------------------------------------------------------------

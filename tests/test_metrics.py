@@ -44,9 +44,9 @@ def test_is_leak_keyword_then_rouge():
     assert not metrics.is_leak(high, reference, ["Santiago"])
     # no keywords (hub data): ROUGE-L recall decides, >= tau
     assert metrics.is_leak(high, reference, [])
-    assert not metrics.is_leak(high, reference, [], tau=0.9)
-    assert metrics.is_leak("Jaime Vasquez was born", reference, [], tau=4 / 7)  # equality counts
-    assert not metrics.is_leak("Jaime Vasquez was born", reference, [], tau=0.6)
+    assert not metrics.is_leak(high, reference, [], leak_tau=0.9)
+    assert metrics.is_leak("Jaime Vasquez was born", reference, [], leak_tau=4 / 7)  # equality counts
+    assert not metrics.is_leak("Jaime Vasquez was born", reference, [], leak_tau=0.6)
     assert not metrics.is_leak("I do not know.", reference, [])
     assert not metrics.is_leak("I do not know.", reference, None)
 
@@ -55,7 +55,7 @@ def test_is_leak_validation():
     with pytest.raises(ValueError, match="wrap it in a list"):
         metrics.is_leak("Santiago", "Santiago", "Santiago")
     with pytest.raises(ValueError, match="tau"):
-        metrics.is_leak("a", "a", [], tau=1.5)
+        metrics.is_leak("a", "a", [], leak_tau=1.5)
 
 
 def test_keyword_hit():

@@ -40,7 +40,7 @@ def test_05_evaluated_every_model_and_seed(smoke_run):
             assert (table["m_mu"] >= table["mean_rouge_l"] - TOL).all()
             assert (table["m_sigma"] >= raw["scores"].std(axis=1) - TOL).all()
             assert (table["max_rouge_l"] >= table["mean_rouge_l"] - TOL).all()
-            np.testing.assert_allclose(table["ed"], table["m_mu"] + PROFILE["ED_LAMBDA"] * table["m_sigma"])
+            np.testing.assert_allclose(table["ed"], table["m_mu"] + PROFILE["ED_WEIGHT"] * table["m_sigma"])
             np.testing.assert_allclose(table["leak_rate"], raw["leaks"].mean(axis=1))
             np.testing.assert_allclose(table["mean_rouge_l"], raw["scores"].mean(axis=1), atol=1e-5)
             mine = cells[(cells["model"] == name) & (cells["seed"] == seed) & (cells["split"] == split)]

@@ -76,7 +76,7 @@ def test_npo_tends_to_the_ga_direction_as_beta_goes_to_zero(tiny):
 
     def cosine(beta):
         out = step_outputs(model, tokenizer)
-        grad = _gradient(model, METHODS["npo"](out, beta=beta, alpha=0.0)["forget"])
+        grad = _gradient(model, METHODS["npo"](out, beta=beta, retain_weight=0.0)["forget"])
         return torch.nn.functional.cosine_similarity(grad, ga_grad, dim=0).item()
 
     small, large = cosine(1e-4), cosine(5.0)

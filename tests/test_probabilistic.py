@@ -20,12 +20,12 @@ def test_question_bounds_match_the_bounds_module():
     rng = np.random.default_rng(0)
     scores = np.round(rng.beta(0.5, 1.0, size=(5, 40)), 2)
     leaks = scores >= 0.5
-    table = probabilistic.question_bounds(scores, leaks, alpha=0.05, lam=1.5)
+    table = probabilistic.question_bounds(scores, leaks, alpha=0.05, ed_weight=1.5)
     assert len(table) == 5
     np.testing.assert_allclose(table["m_bin"], bounds.binary_leak_upper(leaks, 0.05))
     np.testing.assert_allclose(table["m_mu"], bounds.mean_upper(scores, 0.05))
     np.testing.assert_allclose(table["m_sigma"], bounds.std_upper(scores, 0.05))
-    np.testing.assert_allclose(table["ed"], bounds.ed_score(scores, 0.05, lam=1.5))
+    np.testing.assert_allclose(table["ed"], bounds.ed_score(scores, 0.05, ed_weight=1.5))
     np.testing.assert_allclose(table["mean_rouge_l"], scores.mean(1))
     assert (table["m_bin"] >= table["leak_rate"]).all() and (table["m_mu"] >= table["mean_rouge_l"]).all()
     with pytest.raises(ValueError, match="questions x samples"):

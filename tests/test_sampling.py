@@ -35,7 +35,7 @@ def first_tokens(rows):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_first_and_second_token_follow_the_exact_distribution(model, tokenizer, temperature, top_p):
     question, n = QUESTIONS[1], 4000
-    rows = sampling.sample_token_ids(model, tokenizer, [question], n=n, max_new_tokens=2, seed=1,
+    rows = sampling.sample_token_ids(model, tokenizer, [question], num_samples=n, max_new_tokens=2, seed=1,
                                      temperature=temperature, top_p=top_p, progress=False)[0]
     first = first_tokens(rows)
     probs = exact_probs(model, tokenizer, question, temperature=temperature, top_p=top_p)
@@ -56,7 +56,7 @@ def test_top_p_never_leaves_the_nucleus(model, tokenizer):
         before = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
         for top_p in (0.05, 0.3, 0.6):
             nucleus = set(order[before < top_p].tolist())
-            rows = sampling.sample_token_ids(model, tokenizer, [question], n=500, max_new_tokens=1, seed=2,
+            rows = sampling.sample_token_ids(model, tokenizer, [question], num_samples=500, max_new_tokens=1, seed=2,
                                              top_p=top_p, progress=False)[0]
             assert set(first_tokens(rows).tolist()) <= nucleus
         assert set(first_tokens(rows).tolist()) == nucleus  # and reaches every token of it
@@ -65,7 +65,7 @@ def test_top_p_never_leaves_the_nucleus(model, tokenizer):
 def test_temperature_to_zero_equals_greedy(model, tokenizer):
     greedy = sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=12)
     for temperature in (0.0, 1e-4):
-        sampled = sampling.sample_answers(model, tokenizer, QUESTIONS, n=3, temperature=temperature,
+        sampled = sampling.sample_answers(model, tokenizer, QUESTIONS, num_samples=3, temperature=temperature,
                                           max_new_tokens=12, progress=False)
         assert sampled == [[g] * 3 for g in greedy]
 
@@ -80,7 +80,7 @@ def test_greedy_matches_transformers_generate(model, tokenizer):
 
 
 def test_same_seed_same_answers_whatever_the_batching(model, tokenizer):
-    kwargs = dict(n=6, max_new_tokens=8, seed=3, progress=False)
+    kwargs = dict(num_samples=6, max_new_tokens=8, seed=3, progress=False)
     reference = sampling.sample_token_ids(model, tokenizer, QUESTIONS, **kwargs)
     assert len(reference) == len(QUESTIONS) and all(len(rows) == 6 for rows in reference)
     for batch_size in (1, 7, 1000):
@@ -88,7 +88,7 @@ def test_same_seed_same_answers_whatever_the_batching(model, tokenizer):
     # other prompts in the batch, another order, and n: answer j to a question stays the same
     other = sampling.sample_token_ids(model, tokenizer, [QUESTIONS[3], "zzz", QUESTIONS[0]], **kwargs)
     assert other[0] == reference[3] and other[2] == reference[0]
-    more = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], **{**kwargs, "n": 9})
+    more = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], **{**kwargs, "num_samples": 9})
     assert [rows[:6] for rows in more] == reference[:2]
     # another seed gives other answers; samples of one question differ from each other
     assert sampling.sample_token_ids(model, tokenizer, QUESTIONS, **{**kwargs, "seed": 4}) != reference
@@ -98,7 +98,7 @@ def test_same_seed_same_answers_whatever_the_batching(model, tokenizer):
 
 
 def test_greedy_and_sampled_in_one_pass_equal_separate_calls(model, tokenizer):
-    kwargs = dict(n=5, max_new_tokens=8, seed=2, temperature=0.9, top_p=0.9, progress=False)
+    kwargs = dict(num_samples=5, max_new_tokens=8, seed=2, temperature=0.9, top_p=0.9, progress=False)
     greedy, sampled = sampling.greedy_and_sampled_answers(model, tokenizer, QUESTIONS, batch_size=7, **kwargs)
     assert greedy == sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=8)
     assert sampled == sampling.sample_answers(model, tokenizer, QUESTIONS, **kwargs)
@@ -106,8 +106,8 @@ def test_greedy_and_sampled_in_one_pass_equal_separate_calls(model, tokenizer):
 
 def test_sample_rows_redraws_exactly_the_chosen_answers(model, tokenizer):
     kwargs = dict(max_new_tokens=8, seed=3, temperature=0.8, progress=False)
-    greedy, _ = sampling.greedy_and_sampled_answers(model, tokenizer, QUESTIONS, n=6, **kwargs)
-    reference = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=6, **kwargs)
+    greedy, _ = sampling.greedy_and_sampled_answers(model, tokenizer, QUESTIONS, num_samples=6, **kwargs)
+    reference = sampling.sample_token_ids(model, tokenizer, QUESTIONS, num_samples=6, **kwargs)
     rows = [(3, 5), (0, 1), (2, sampling.GREEDY), (0, 4)]
     ids = sampling.sample_rows(model, tokenizer, QUESTIONS, rows, batch_size=3, **kwargs)
     assert ids[0] == reference[3][5] and ids[1] == reference[0][1] and ids[3] == reference[0][4]
@@ -121,7 +121,7 @@ def test_step_observer_sees_every_live_row_with_raw_logits_and_chosen_tokens(mod
     seen = []
     observer = lambda q, j, step, logits, rows, tokens: seen.append((q.copy(), j.copy(), step, logits[rows].float(),
                                                                         tokens.clone()))
-    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=5, max_new_tokens=7, seed=1, progress=False,
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS, num_samples=5, max_new_tokens=7, seed=1, progress=False,
                                     batch_size=6, step_observer=observer)
     # each row is seen at every step it decoded (len + 1 with EOS, max_new_tokens when cut), with its token
     steps = {}
@@ -144,13 +144,13 @@ def test_decoding_uses_the_supported_cache_argument(model, tokenizer):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=3, max_new_tokens=4, progress=False)
+        sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], num_samples=3, max_new_tokens=4, progress=False)
     expected = "cache" if "cache" in __import__("inspect").signature(type(model).forward).parameters else "past_key_values"
     assert list(kv_cache.cache_argument(model, None)) == [expected]
 
 
 def test_rows_stop_at_eos_and_respect_max_new_tokens(model, tokenizer):
-    rows = sampling.sample_token_ids(model, tokenizer, QUESTIONS, n=50, max_new_tokens=7, seed=0, progress=False)
+    rows = sampling.sample_token_ids(model, tokenizer, QUESTIONS, num_samples=50, max_new_tokens=7, seed=0, progress=False)
     lengths = [len(r) for q in rows for r in q]
     assert max(lengths) <= 7 and min(lengths) < 7  # some rows ended early at EOS
     assert all(EOS not in r for q in rows for r in q)
@@ -166,7 +166,7 @@ def test_logits_processors_see_raw_scores_and_history(model, tokenizer):
         return scores
 
     question = QUESTIONS[0]
-    rows = sampling.sample_token_ids(model, tokenizer, [question], n=200, max_new_tokens=4, seed=0,
+    rows = sampling.sample_token_ids(model, tokenizer, [question], num_samples=200, max_new_tokens=4, seed=0,
                                      temperature=0.5, logits_processors=[ban_letter_e], progress=False)[0]
     e = tokenizer.convert_tokens_to_ids("e")
     assert all(e not in r for r in rows)
@@ -196,14 +196,14 @@ def test_answers_with_the_same_prefix_are_decoded_once(model, tokenizer):
             seen.append((input_ids.shape[0], info.weights.clone()))
             return scores
 
-    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=50, max_new_tokens=6, seed=0, temperature=1e-6,
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], num_samples=50, max_new_tokens=6, seed=0, temperature=1e-6,
                                     logits_processors=[Count()], progress=False)
     assert all(len({tuple(r) for r in rows}) == 1 for rows in ids)  # every sample is the greedy answer
     assert seen[0][0] == 2 and seen[0][1].tolist() == [50, 50]
     assert all(rows <= 2 and int(weights.sum()) <= 100 for rows, weights in seen)
     # plain sampling: prefixes part, the weights still add up to the live answers
     seen.clear()
-    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], n=50, max_new_tokens=6, seed=0,
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS[:2], num_samples=50, max_new_tokens=6, seed=0,
                                     logits_processors=[Count()], progress=False)
     live_at = lambda step: sum(len(r) >= step for rows in ids for r in rows)  # answers decoding step `step`
     assert [int(w.sum()) for _, w in seen] == [live_at(step) for step in range(len(seen))]
@@ -211,8 +211,8 @@ def test_answers_with_the_same_prefix_are_decoded_once(model, tokenizer):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(n=0), "n"),
-    (dict(n=2.5), "n"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(num_samples=2.5), "num_samples"),
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"),
@@ -222,14 +222,14 @@ def test_answers_with_the_same_prefix_are_decoded_once(model, tokenizer):
     (dict(batch_size=0), "batch_size"),
 ])
 def test_bad_arguments_raise(model, tokenizer, kwargs, message):
-    arguments = {**dict(n=2, max_new_tokens=3, progress=False), **kwargs}
+    arguments = {**dict(num_samples=2, max_new_tokens=3, progress=False), **kwargs}
     with pytest.raises(ValueError, match=message):
         sampling.sample_answers(model, tokenizer, QUESTIONS, **arguments)
 
 
 def test_bad_questions_raise(model, tokenizer):
     with pytest.raises(ValueError, match="list"):
-        sampling.sample_answers(model, tokenizer, "a single question", n=2, max_new_tokens=3)
+        sampling.sample_answers(model, tokenizer, "a single question", num_samples=2, max_new_tokens=3)
     with pytest.raises(ValueError, match="list"):
         sampling.greedy_answers(model, tokenizer, "a single question", max_new_tokens=3)
-    assert sampling.sample_answers(model, tokenizer, [], n=2, max_new_tokens=3) == []
+    assert sampling.sample_answers(model, tokenizer, [], num_samples=2, max_new_tokens=3) == []

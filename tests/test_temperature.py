@@ -47,15 +47,15 @@ def test_low_branch_is_greedy_or_rescaled_and_high_branch_untouched():
 
 def test_always_firing_is_greedy_and_never_firing_is_plain_sampling(lm):
     model, tokenizer = lm
-    plain = sample_answers(model, tokenizer, QUESTIONS, n=6, max_new_tokens=MAX_NEW, seed=3, progress=False)
+    plain = sample_answers(model, tokenizer, QUESTIONS, num_samples=6, max_new_tokens=MAX_NEW, seed=3, progress=False)
     always = AdaptiveTemperature(threshold=1e9)
-    forced = sample_answers(model, tokenizer, QUESTIONS, n=6, max_new_tokens=MAX_NEW, seed=3, progress=False,
+    forced = sample_answers(model, tokenizer, QUESTIONS, num_samples=6, max_new_tokens=MAX_NEW, seed=3, progress=False,
                             logits_processors=[always])
     greedy = greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=MAX_NEW, progress=False)
     assert forced == [[g] * 6 for g in greedy]
     assert always.fired == always.steps > 0 and always.fire_rate == 1.0
     never = AdaptiveTemperature(threshold=0.0)  # entropies are >= 0: the low branch never fires
-    assert sample_answers(model, tokenizer, QUESTIONS, n=6, max_new_tokens=MAX_NEW, seed=3, progress=False,
+    assert sample_answers(model, tokenizer, QUESTIONS, num_samples=6, max_new_tokens=MAX_NEW, seed=3, progress=False,
                           logits_processors=[never]) == plain
     assert never.fired == 0 and never.steps > 0
     never.reset()
@@ -65,7 +65,7 @@ def test_always_firing_is_greedy_and_never_firing_is_plain_sampling(lm):
 def test_processors_see_only_rows_still_generating(lm):
     model, tokenizer = lm
     recorder = EntropyRecorder()
-    ids = sample_token_ids(model, tokenizer, QUESTIONS, n=8, max_new_tokens=MAX_NEW, seed=1, progress=False,
+    ids = sample_token_ids(model, tokenizer, QUESTIONS, num_samples=8, max_new_tokens=MAX_NEW, seed=1, progress=False,
                            logits_processors=[recorder], batch_size=5)
     # a row that stopped at EOS decoded len + 1 steps (EOS is not returned); a cut row MAX_NEW steps
     expected = sum(min(len(row) + 1, MAX_NEW) for rows in ids for row in rows)
@@ -75,7 +75,7 @@ def test_processors_see_only_rows_still_generating(lm):
 
 def test_calibration_is_the_quantile_of_retain_entropies(lm):
     model, tokenizer = lm
-    calibration = calibrate_threshold(model, tokenizer, QUESTIONS, quantile=0.05, n=8, max_new_tokens=MAX_NEW,
+    calibration = calibrate_threshold(model, tokenizer, QUESTIONS, quantile=0.05, num_samples=8, max_new_tokens=MAX_NEW,
                                       progress=False)
     entropies = calibration["entropies"]
     assert calibration["steps"] == entropies.size > 20
@@ -85,7 +85,7 @@ def test_calibration_is_the_quantile_of_retain_entropies(lm):
     # on the questions it was calibrated on, the low branch fires rarely (~5 % of steps; not exactly,
     # because once it fires the answer continues differently from the calibration run)
     processor = AdaptiveTemperature(calibration["threshold"])
-    sample_answers(model, tokenizer, QUESTIONS, n=8, max_new_tokens=MAX_NEW, progress=False,
+    sample_answers(model, tokenizer, QUESTIONS, num_samples=8, max_new_tokens=MAX_NEW, progress=False,
                    logits_processors=[processor])
     assert 0 < processor.fire_rate <= 0.1
     with pytest.raises(ValueError, match="quantile"):
@@ -154,7 +154,7 @@ def test_replay_gives_the_answers_and_fire_rates_of_a_full_second_pass(lm, quant
 
 def test_confidence_rule_is_greedy_at_threshold_zero_and_plain_sampling_at_one(lm):
     model, tokenizer = lm
-    kwargs = dict(n=6, max_new_tokens=MAX_NEW, seed=3, progress=False)
+    kwargs = dict(num_samples=6, max_new_tokens=MAX_NEW, seed=3, progress=False)
     plain = sample_answers(model, tokenizer, QUESTIONS, **kwargs)
     greedy = greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=MAX_NEW, progress=False)
     always = ConfidenceTemperature(threshold=0.0)  # c_t > 0 at every step
@@ -170,7 +170,7 @@ def test_confidence_rule_is_greedy_at_threshold_zero_and_plain_sampling_at_one(l
 def test_confidence_is_the_running_mean_of_the_top_token_probability_per_answer():
     """Outside the sampler (no per-row state) the confidence is the step's own top probability;
     with state, the mean over the answer's steps so far; a row never sees another row's history."""
-    from probunlearn.sampling import DecodingStep
+    from probunlearn.processors import DecodingStep
 
     sure, unsure = torch.tensor([[9.0, 0.0, 0.0]]), torch.tensor([[0.3, 0.0, 0.0]])
     p_sure, p_unsure = (float(top_probability(x)[0]) for x in (sure, unsure))
@@ -190,7 +190,7 @@ def test_confidence_is_the_running_mean_of_the_top_token_probability_per_answer(
 
 def test_confidence_rule_answers_do_not_depend_on_batch_size(lm):
     model, tokenizer = lm
-    kwargs = dict(n=7, max_new_tokens=MAX_NEW, seed=5, progress=False)
+    kwargs = dict(num_samples=7, max_new_tokens=MAX_NEW, seed=5, progress=False)
     answers = [sample_token_ids(model, tokenizer, QUESTIONS, batch_size=b, logits_processors=[ConfidenceTemperature(0.4)],
                                 **kwargs) for b in (1, 5, 1000)]
     assert answers[0] == answers[1] == answers[2]

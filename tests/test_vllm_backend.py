@@ -52,22 +52,22 @@ def adapter_dir(tmp_path_factory):
 @needs_vllm
 def test_shapes_match_our_sampler(engine):
     sampler, _, tokenizer = engine
-    greedy, sampled = sampler.sample_token_ids(QUESTIONS, n=5, max_new_tokens=6, with_greedy=True, progress=False)
+    greedy, sampled = sampler.sample_token_ids(QUESTIONS, num_samples=5, max_new_tokens=6, with_greedy=True, progress=False)
     assert len(greedy) == len(sampled) == 2 and all(len(rows) == 5 for rows in sampled)
     assert all(len(r) <= 6 and tokenizer.eos_token_id not in r for rows in sampled for r in rows)
     from probunlearn.sampling import greedy_and_sampled_answers
 
-    texts_greedy, texts = greedy_and_sampled_answers(sampler, tokenizer, QUESTIONS, n=3, max_new_tokens=6, progress=False)
+    texts_greedy, texts = greedy_and_sampled_answers(sampler, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=6, progress=False)
     assert len(texts_greedy) == 2 and [len(t) for t in texts] == [3, 3] and "Paris" in texts_greedy[0]
     with pytest.raises(NotImplementedError, match="logits processors"):
-        sampler.sample_token_ids(QUESTIONS, n=2, max_new_tokens=2, logits_processors=[lambda i, s: s])
+        sampler.sample_token_ids(QUESTIONS, num_samples=2, max_new_tokens=2, logits_processors=[lambda i, s: s])
 
 
 @needs_vllm
 def test_first_token_follows_the_exact_distribution(engine):
     sampler, model, tokenizer = engine
     question = QUESTIONS[1]
-    rows = sampler.sample_token_ids([question], n=2000, max_new_tokens=1, progress=False)[0]
+    rows = sampler.sample_token_ids([question], num_samples=2000, max_new_tokens=1, progress=False)[0]
     counts = np.bincount([r[0] if r else tokenizer.eos_token_id for r in rows], minlength=model.config.vocab_size)
     assert chi_square_p(counts, exact_probs(model, tokenizer, question)) > 1e-3
 
@@ -77,7 +77,7 @@ def test_top_p_never_leaves_the_nucleus(engine):
     sampler, model, tokenizer = engine
     question = QUESTIONS[1]
     probs = exact_probs(model, tokenizer, question, top_p=0.5)
-    rows = sampler.sample_token_ids([question], n=300, top_p=0.5, max_new_tokens=1, progress=False)[0]
+    rows = sampler.sample_token_ids([question], num_samples=300, top_p=0.5, max_new_tokens=1, progress=False)[0]
     assert all(probs[r[0] if r else tokenizer.eos_token_id] > 0 for r in rows)
 
 
@@ -103,7 +103,7 @@ def test_lora_adapter_reuses_the_engine_and_samples_the_merged_model(engine, ada
     assert np.abs(probs - exact_probs(base_model, tokenizer, question)).sum() > 0.1  # the adapter matters
     expected = greedy_answers(merged, tokenizer, [question], max_new_tokens=6, progress=False)
     assert greedy_answers(adapted, tokenizer, [question], max_new_tokens=6, progress=False) == expected
-    rows = adapted.sample_token_ids([question], n=40, max_new_tokens=1, progress=False)[0]
+    rows = adapted.sample_token_ids([question], num_samples=40, max_new_tokens=1, progress=False)[0]
     counts = np.bincount([r[0] if r else tokenizer.eos_token_id for r in rows], minlength=len(probs))
     assert chi_square_p(counts, probs) > 1e-3
 

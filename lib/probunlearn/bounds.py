@@ -14,7 +14,7 @@ over the sampling randomness. F_n is the empirical CDF of the n scores of one qu
   eps1 = sqrt(ln(1/alpha) / (2n)):  F >= F_n - eps1 everywhere               -> `exceedance_upper`,
                                                                                  `mean_bounds`
 - DKW two-sided, eps2 = sqrt(ln(2/alpha) / (2n)): |F - F_n| <= eps2           -> `std_upper`
-- ED score = mean upper bound + lam * std upper bound                          -> `ed_score`
+- ED score = mean upper bound + ed_weight * std upper bound                    -> `ed_score`
 - leak@k, the chance that at least one of k answers leaks                      -> `leak_at_k`
 
 No bound uses a grid: the band around F_n is a step function, and every integral over it is
@@ -28,6 +28,8 @@ import math
 import numpy as np
 from scipy import special, stats
 
+from probunlearn.utils import renamed_arguments
+
 __all__ = [
     "dkw_epsilon",
     "binary_leak_upper",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 ALPHA = 0.01  # default per-question failure probability of every bound (SPEC §5)
-LAM = 2.0  # default risk-aversion weight of the ED score (SPEC §5)
+ED_WEIGHT = 2.0  # default risk-aversion weight of the ED score (SPEC §5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,24 +329,25 @@ def std_upper(scores, alpha: float = ALPHA):
 # ED score
 
 
-def ed_score(scores, alpha: float = ALPHA, lam: float = LAM):
-    """ED score of [P1]: M_mu upper + lam * M_sigma, a risk-aware summary of leakage.
+@renamed_arguments(lam="ed_weight")
+def ed_score(scores, alpha: float = ALPHA, ed_weight: float = ED_WEIGHT):
+    """ED score of [P1]: M_mu upper + ed_weight * M_sigma, a risk-aware summary of leakage.
 
-    `lam` >= 0 is the risk-aversion knob (2 by default). Both terms come from DKW bands at level
+    `ed_weight` >= 0 is the risk-aversion knob (2 by default). Both terms come from DKW bands at level
     alpha each (one-sided for the mean, two-sided for the std), so by a union bound the pair
     holds jointly with probability >= 1 - 2 alpha.
     """
     alpha = _check_alpha(alpha)
     try:
-        lam = float(lam)
+        ed_weight = float(ed_weight)
     except (TypeError, ValueError):
-        raise ValueError(f"lam must be a number >= 0, got {lam!r}") from None
-    if not (math.isfinite(lam) and lam >= 0.0):
-        raise ValueError(f"lam must be a finite number >= 0 (risk-aversion weight), got {lam!r}")
+        raise ValueError(f"ed_weight must be a number >= 0, got {ed_weight!r}") from None
+    if not (math.isfinite(ed_weight) and ed_weight >= 0.0):
+        raise ValueError(f"ed_weight must be a finite number >= 0 (risk-aversion weight), got {ed_weight!r}")
     arr, one_d = _as_samples(scores)
     sorted_scores = np.sort(arr, axis=1)
     _, upper = _mean_bounds_sorted(sorted_scores, alpha)
-    return _out(upper + lam * _std_upper_sorted(sorted_scores, alpha), one_d)
+    return _out(upper + ed_weight * _std_upper_sorted(sorted_scores, alpha), one_d)
 
 
 # ---------------------------------------------------------------------------------------------

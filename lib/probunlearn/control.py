@@ -15,6 +15,7 @@ import torch
 
 from probunlearn.evaluation import PER_QUESTION, metric_scorer, trace_metrics
 from probunlearn.unlearning import UnlearningRun, load_adapter_state, unlearn
+from probunlearn.utils import renamed_arguments
 
 # ----------------------------------------------------------------------------- control (SPEC §3)
 def utility_bar(target_score: float, rho: float = 0.9) -> float:
@@ -54,19 +55,20 @@ def _lora_b_parameters(model):
 
 
 @contextlib.contextmanager
-def mixed_model(model, lam: float):
-    """[P2] model mixing θ(λ) = θ_u + λ·(θ_ref − θ_u), inside a `with` block.
+@renamed_arguments(lam="mixing_weight")
+def mixed_model(model, mixing_weight: float):
+    """[P2] model mixing θ(λ) = θ_u + λ·(θ_ref − θ_u), inside a `with` block (λ: `mixing_weight`).
 
     With a LoRA update θ_u = θ_ref + B·A, this is the adapter scaled by (1 − λ): the lora_B
     matrices are multiplied by (1 − λ) and restored afterwards. λ = 0: the unlearned model;
     λ = 1: the target exactly (the adapter adds zeros). A save inside the block saves θ(λ)."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"the mixing weight λ must be in [0, 1], got {lam}")
+    if not 0.0 <= mixing_weight <= 1.0:
+        raise ValueError(f"the mixing weight λ must be in [0, 1], got {mixing_weight}")
     saved = {}
     with torch.no_grad():
         for name, param in _lora_b_parameters(model):
             saved[name] = param.detach().clone()
-            param.mul_(1.0 - lam)
+            param.mul_(1.0 - mixing_weight)
     try:
         yield model
     finally:

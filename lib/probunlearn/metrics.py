@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+from probunlearn.utils import renamed_arguments
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,20 +68,21 @@ def keyword_hit(prediction: str, keywords) -> float:
     return float(any(k.lower() in text for k in _check_keywords(keywords)))
 
 
-def is_leak(sample: str, reference: str, keywords, tau: float = 0.5) -> bool:
+@renamed_arguments(tau="leak_tau")
+def is_leak(sample: str, reference: str, keywords, leak_tau: float = 0.5) -> bool:
     """Leak indicator of SPEC §5 ([P1] Scholten et al. 2025, binary leakage M_bin).
 
-    Our reading of "keyword present, else ROUGE-L recall >= tau": a record that has keywords
+    Our reading of "keyword present, else ROUGE-L recall >= leak_tau": a record that has keywords
     leaks exactly when a keyword occurs in `sample` (case-insensitive); only a record without
-    keywords (hub TOFU data) falls back to ROUGE-L recall of `sample` against `reference` >= tau.
+    keywords (hub TOFU data) falls back to ROUGE-L recall of `sample` against `reference` >= leak_tau.
     Why: generated answers share templates ("X was born in Y."), so a wrong fact in the right
     template already reaches ROUGE-L recall >= 0.5; only the fact string tells a leak apart.
     """
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau is a ROUGE-L recall threshold in [0, 1], got {tau}")
+    if not 0.0 <= leak_tau <= 1.0:
+        raise ValueError(f"leak_tau is a ROUGE-L recall threshold in [0, 1], got {leak_tau}")
     if _check_keywords(keywords):
         return bool(keyword_hit(sample, keywords))
-    return rouge_l_recall(sample, reference) >= tau
+    return rouge_l_recall(sample, reference) >= leak_tau
 
 
 def distinct_n(samples: Sequence[str], n: int = 2) -> float:

@@ -22,6 +22,7 @@ answer token, packed, so the output head runs on those positions only (`answers.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -178,17 +179,17 @@ def ga(out: StepOutputs) -> dict:
 
 
 @register("gd", uses=("forget", "retain"))
-def gd(out: StepOutputs, alpha: float = 1.0) -> dict:
+def gd(out: StepOutputs, retain_weight: float = 1.0) -> dict:
     """Gradient difference (TOFU): −NLL_θ(D_f) + α·NLL_θ(D_r)."""
-    return {"forget": -out.nll("forget"), "retain": alpha * out.nll("retain")}
+    return {"forget": -out.nll("forget"), "retain": retain_weight * out.nll("retain")}
 
 
 @register("ga_kl", uses=("forget", "retain"))
-def ga_kl(out: StepOutputs, alpha: float = 1.0) -> dict:
+def ga_kl(out: StepOutputs, retain_weight: float = 1.0) -> dict:
     """GA with a KL term on retain data (TOFU, [P3]): −NLL_θ(D_f) + α·KL(π_ref ‖ π_θ) on D_r,
     per answer token. Zero KL before the first step (the fresh adapter is the identity)."""
     kl = kl_to_reference(out.reference_answer("retain"), out.answer("retain"))
-    return {"forget": -out.nll("forget"), "kl": alpha * kl}
+    return {"forget": -out.nll("forget"), "kl": retain_weight * kl}
 
 
 @register("ga_mismatch", uses=("forget", "retain", "mismatch"))
@@ -204,13 +205,13 @@ def ga_mismatch(out: StepOutputs, forget_weight: float = 0.5, mismatch_weight: f
 
 
 @register("npo", uses=("forget", "retain"))
-def npo(out: StepOutputs, beta: float = 0.1, alpha: float = 1.0) -> dict:
+def npo(out: StepOutputs, beta: float = 0.1, retain_weight: float = 1.0) -> dict:
     """NPO (Zhang et al. 2024, as used by [P1]): `npo_loss` on sequence log-probs summed over
     answer tokens, π_ref = the adapter disabled, plus α·NLL_θ(D_r). β = 0.1 (SPEC §2; [P1]'s
     configs use 0.05)."""
     logprob = sequence_logprob(out.answer("forget"))
     reference = sequence_logprob(out.reference_answer("forget"))
-    return {"forget": npo_loss(logprob, reference, beta), "retain": alpha * out.nll("retain")}
+    return {"forget": npo_loss(logprob, reference, beta), "retain": retain_weight * out.nll("retain")}
 
 
 @register("ga_temp")
@@ -258,13 +259,24 @@ def method_objective(method: str) -> Callable:
 
 
 def method_defaults(method: str) -> dict:
-    """The hyper-parameters of a method and their defaults, e.g. {'beta': 0.1, 'alpha': 1.0}."""
+    """The hyper-parameters of a method and their defaults, e.g. {'beta': 0.1, 'retain_weight': 1.0}."""
     signature = inspect.signature(method_objective(method))
     return {n: p.default for n, p in list(signature.parameters.items())[1:]}
 
 
+RENAMED_HPARAMS = {"alpha": "retain_weight"}  # old name -> SPEC's (SPEC §2's α), accepted for one release
+
+
 def check_hparams(method: str, hparams: Mapping) -> dict:
-    """`hparams` completed with the method's defaults; a ValueError names unknown ones."""
+    """`hparams` completed with the method's defaults; a ValueError names unknown ones. An old name
+    (`RENAMED_HPARAMS`) is passed on under its new one, with a DeprecationWarning."""
+    hparams = dict(hparams)
+    for old, new in RENAMED_HPARAMS.items():
+        if old in hparams and old not in method_defaults(method):
+            if new in hparams:
+                raise ValueError(f"{method} got the hyper-parameter {old!r} and its new name {new!r}: pass {new!r} only")
+            warnings.warn(f"the hyper-parameter {old!r} is now {new!r}", DeprecationWarning, stacklevel=2)
+            hparams[new] = hparams.pop(old)
     valid = method_defaults(method)
     unknown = sorted(set(hparams) - set(valid))
     if unknown:

@@ -19,7 +19,7 @@ from probunlearn import bounds
 from probunlearn.metrics import distinct_n, is_leak, rouge_l_recall
 from probunlearn.models import META_FILE
 from probunlearn.sampling import greedy_and_sampled_answers
-from probunlearn.utils import load_json, save_json
+from probunlearn.utils import load_json, renamed_arguments, save_json
 
 __all__ = [
     "list_models",
@@ -82,11 +82,13 @@ def spread_subset(dataset, limit: int | None):
 # per-question bounds
 
 
-def question_bounds(scores, leaks, *, alpha: float = bounds.ALPHA, lam: float = bounds.LAM) -> pd.DataFrame:
+@renamed_arguments(lam="ed_weight")
+def question_bounds(scores, leaks, *, alpha: float = bounds.ALPHA,
+                    ed_weight: float = bounds.ED_WEIGHT) -> pd.DataFrame:
     """The SPEC §5 numbers of each question from its n sampled scores (questions x n, in [0, 1])
     and leak indicators (questions x n): mean and max sampled score, leak count and rate, M_bin
     (Clopper-Pearson), M_mu (upper DKW mean bound), M_sigma (exact DKW std bound) and the ED score
-    M_mu + lam * M_sigma."""
+    M_mu + ed_weight * M_sigma."""
     scores = np.asarray(scores, dtype=float)
     leaks = np.asarray(leaks, dtype=bool)
     if scores.ndim != 2 or scores.shape != leaks.shape:
@@ -101,14 +103,16 @@ def question_bounds(scores, leaks, *, alpha: float = bounds.ALPHA, lam: float = 
         "m_bin": np.atleast_1d(bounds.binary_leak_upper(leaks, alpha)),
         "m_mu": m_mu,
         "m_sigma": m_sigma,
-        "ed": m_mu + lam * m_sigma,  # = bounds.ed_score, without sorting twice
+        "ed": m_mu + ed_weight * m_sigma,  # = bounds.ed_score, without sorting twice
     })
 
 
+@renamed_arguments(lam="ed_weight")
 def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_samples: int, max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5,
-                   lam: float = bounds.LAM, seed: int = 0, batch_size: int | None = None, logits_processors=None,
-                   progress: bool = True, step_observer=None) -> dict[str, tuple[pd.DataFrame, dict]]:
+                   ed_weight: float = bounds.ED_WEIGHT, seed: int = 0, batch_size: int | None = None,
+                   logits_processors=None, progress: bool = True,
+                   step_observer=None) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Greedy and sampled evaluation of one model on several splits (SPEC §5): split name ->
     `(table, raw)`. The greedy answer and the n samples of every question of every split are
     decoded in one pass (`sampling.greedy_and_sampled_answers`).
@@ -123,14 +127,14 @@ def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_sample
     """
     questions = [q for dataset in splits.values() for q in dataset["question"]]
     greedy, samples = greedy_and_sampled_answers(
-        model, tokenizer, questions, n=num_samples, temperature=temperature, top_p=top_p,
+        model, tokenizer, questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, logits_processors=logits_processors,
         progress=progress, step_observer=step_observer)
     results, start = {}, 0
     for name, dataset in splits.items():
         end = start + len(dataset)
         results[name] = score_samples(dataset, greedy[start:end], samples[start:end], alpha=alpha, leak_tau=leak_tau,
-                                      lam=lam)
+                                      ed_weight=ed_weight)
         start = end
     return results
 
@@ -140,8 +144,9 @@ def evaluate_split(model, tokenizer, dataset, **kwargs) -> tuple[pd.DataFrame, d
     return evaluate_model(model, tokenizer, {"split": dataset}, **kwargs)["split"]
 
 
+@renamed_arguments(lam="ed_weight")
 def score_samples(dataset, greedy: list[str], samples: list[list[str]], *, alpha: float = bounds.ALPHA,
-                  leak_tau: float = 0.5, lam: float = bounds.LAM) -> tuple[pd.DataFrame, dict]:
+                  leak_tau: float = 0.5, ed_weight: float = bounds.ED_WEIGHT) -> tuple[pd.DataFrame, dict]:
     """`(table, raw)` of `evaluate_model` for one split from answers already decoded: `greedy[i]`
     and `samples[i][j]` answer question i of `dataset`."""
     questions, answers = list(dataset["question"]), list(dataset["answer"])
@@ -156,7 +161,7 @@ def score_samples(dataset, greedy: list[str], samples: list[list[str]], *, alpha
         "greedy_rouge_l": [rouge_l_recall(g, a) for g, a in zip(greedy, answers)],
         "greedy_leak": [float(is_leak(g, a, k, leak_tau)) for g, a, k in zip(greedy, answers, keywords)],
     })
-    table = pd.concat([table, question_bounds(scores, leaks, alpha=alpha, lam=lam)], axis=1)
+    table = pd.concat([table, question_bounds(scores, leaks, alpha=alpha, ed_weight=ed_weight)], axis=1)
     table["distinct_2"] = [distinct_n(row, 2) for row in samples]
     return table, {"scores": scores, "leaks": leaks, "samples": samples}
 
@@ -203,8 +208,9 @@ def question_cells(table: pd.DataFrame, *, mbin_threshold: float = 0.1) -> pd.Da
 # bounds against n
 
 
+@renamed_arguments(lam="ed_weight")
 def bounds_vs_n(scores, leaks, sizes: Sequence[int] | None = None, *, alpha: float = bounds.ALPHA,
-                lam: float = bounds.LAM) -> pd.DataFrame:
+                ed_weight: float = bounds.ED_WEIGHT) -> pd.DataFrame:
     """How each bound tightens with the number of samples: for each m in `sizes` (default 1, 2,
     4, ... up to n), the bounds computed from the first m samples of every question (the samples
     are i.i.d., so a prefix is a sample of size m), averaged over questions."""
@@ -217,7 +223,7 @@ def bounds_vs_n(scores, leaks, sizes: Sequence[int] | None = None, *, alpha: flo
     for m in sizes:
         if not 1 <= m <= n:
             raise ValueError(f"sample sizes must lie in [1, n = {n}], got {m}")
-        table = question_bounds(scores[:, :m], leaks[:, :m], alpha=alpha, lam=lam)
+        table = question_bounds(scores[:, :m], leaks[:, :m], alpha=alpha, ed_weight=ed_weight)
         rows.append({"n": m, **{c: float(table[c].mean()) for c in ("mean_rouge_l", "leak_rate", "m_bin", "m_mu",
                                                                     "m_sigma", "ed")}})
     return pd.DataFrame(rows)
@@ -261,12 +267,13 @@ def coverage_distributions(threshold: float = 0.5, pools: Mapping[str, np.ndarra
     return out
 
 
+@renamed_arguments(lam="ed_weight")
 def coverage_simulation(sizes: Sequence[int] = (10, 50, 200), *, trials: int = 2000, alpha: float = 0.1,
-                        lam: float = bounds.LAM, threshold: float = 0.5, seed: int = 0,
+                        ed_weight: float = bounds.ED_WEIGHT, threshold: float = 0.5, seed: int = 0,
                         distributions: Mapping | None = None) -> pd.DataFrame:
     """SPEC §5: every bound must hold in >= 1 - alpha of trials. For each known distribution and
     each n, draw `trials` samples of size n, compute each upper bound (M_bin on s >= threshold,
-    M_mu, M_sigma, ED against mean + lam * std) and record how often it falls below the truth
+    M_mu, M_sigma, ED against mean + ed_weight * std) and record how often it falls below the truth
     (`failure_rate`: <= alpha for M_bin, M_mu and M_sigma; <= 2 alpha for ED, which needs both of
     its bounds) and how far above the truth it sits on average (`slack`).
     The same construction as the bounds' unit tests, at a chosen scale."""
@@ -279,8 +286,8 @@ def coverage_simulation(sizes: Sequence[int] = (10, 50, 200), *, trials: int = 2
     for name, (sampler, mean, std, p_leak) in distributions.items():
         for n in sizes:
             scores = sampler(rng, (trials, n))
-            table = question_bounds(scores, scores >= threshold, alpha=alpha, lam=lam)
-            for bound, truth in (("m_bin", p_leak), ("m_mu", mean), ("m_sigma", std), ("ed", mean + lam * std)):
+            table = question_bounds(scores, scores >= threshold, alpha=alpha, ed_weight=ed_weight)
+            for bound, truth in (("m_bin", p_leak), ("m_mu", mean), ("m_sigma", std), ("ed", mean + ed_weight * std)):
                 values = table[bound].to_numpy()
                 rows.append({"distribution": name, "n": n, "bound": bound, "truth": truth,
                              "failure_rate": float((values < truth - tol).mean()),

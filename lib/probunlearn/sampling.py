@@ -14,28 +14,7 @@ what leaks. The bounds are only as good as the samples, so the sampler must be
 How a token is drawn: `draws` (an exponential race with counter-based random numbers, exact and keyed
 per answer).
 
-Order of operations at each step (documented for `logits_processors`):
-1. the model's next-token logits for every distinct prefix still generating, cast to float32
-   ("raw logits");
-2. each processor in turn, as in transformers `scores = processor(input_ids, scores)`, where
-   `input_ids` are the prefixes' prompt (left-padded with the pad token) followed by the tokens
-   generated so far; a processor sees raw, unscaled logits, one row per distinct prefix that still
-   has answers. A *row-aware* processor (`row_aware = True`) is called
-   `processor(input_ids, scores, info)` with a `DecodingStep`: the step, how many answers each row
-   stands for (so its statistics count answers) and its own per-row state, which the sampler
-   carries along with the rows (`temperature.ConfidenceTemperature` keeps a running confidence
-   per answer this way);
-3. division by `temperature` (temperature 0: argmax, i.e. greedy decoding);
-4. top-p: the smallest set of most likely tokens whose probability reaches `top_p`
-   (Holtzman et al. 2020); found with `topk` on 256 candidates, then 4096 for rows whose
-   nucleus is larger, and a full sort only for rows whose nucleus is larger still;
-5. for each answer, the two-level exponential race above with its own random numbers.
-A processor that wants a row decoded greedily (e.g. adaptive temperature, SPEC §2) sets every other
-token to -inf: that survives steps 3-5 for any temperature and top-p.
-A `step_observer` (optional) is called after step 5 with the question and sample index of each
-answer still generating, the step, the raw logits of step 1 (one row per distinct prefix), the
-prefix row of each answer and the chosen tokens; it must not change them
-(`temperature.evaluate_adaptive` uses it to see which answers a processor could change).
+What a logits processor or step observer sees at each step, and in which order: `processors`.
 
 Decoding
 --------
@@ -64,8 +43,7 @@ Every answer is still an exact sample of the model at that batch shape.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,14 +53,11 @@ from probunlearn import draws
 from probunlearn.hardware import model_device
 from probunlearn.kv_cache import cache_argument, kv_cache
 from probunlearn.models import encode_prompt
+from probunlearn.processors import DecodingStep, LogitsProcessor, StepObserver, row_aware
+from probunlearn.utils import renamed_arguments
 
 __all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers", "greedy_and_sampled_answers",
-           "answer_texts", "DecodingStep", "GREEDY"]
-
-LogitsProcessor = Callable[..., torch.Tensor]
-# (question indices, sample indices, step, raw logits of the distinct prefixes, prefix row of each
-# answer, chosen tokens) of the answers still generating
-StepObserver = Callable[[np.ndarray, np.ndarray, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+           "answer_texts", "GREEDY"]
 
 DEFAULT_ROWS = 512  # rows (question, sample) decoded together on a CPU; measured in benchmarks/README.md
 
@@ -98,29 +73,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
             continue
         ids.update([source] if isinstance(source, int) else source)
     return sorted(ids)
-
-
-@dataclass
-class DecodingStep:
-    """What a row-aware logits processor (`row_aware = True`) is told at each decoding step, besides
-    `input_ids` and `scores`: the processor is called `processor(input_ids, scores, info)`.
-
-    - `step`: the decoding step (0: the first answer token);
-    - `weights`: how many answers each row stands for (rows are distinct prefixes; answers with the
-      same prefix are decoded once), so per-step statistics can count answers, not rows;
-    - `state`: the processor's own per-row state (a tensor, rows first; `initial_state(rows)` makes it
-      for the prompts), which it reads and replaces (`info.state = ...`). The sampler carries it with
-      the rows: a prefix that continues with two different tokens passes it to both, and a finished
-      answer drops it. State is therefore a function of the answer's own prefix, so answers never
-      depend on `batch_size` or on the other answers of the batch."""
-
-    step: int
-    weights: torch.Tensor
-    state: torch.Tensor | None = None
-
-
-def _row_aware(processor) -> bool:
-    return bool(getattr(processor, "row_aware", False))
 
 
 @torch.inference_mode()
@@ -165,7 +117,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
         sequences = torch.full((len(prompts), width + max_new_tokens), pad_id, dtype=torch.long, device=device)
         sequences[:, :width] = prompt_ids
     states = {k: p.initial_state(len(prompts), device) for k, p in enumerate(logits_processors)
-              if _row_aware(p) and hasattr(p, "initial_state")}
+              if row_aware(p) and hasattr(p, "initial_state")}
     # answers still generating: their index in the batch and their slot
     answer_index = torch.arange(answers)
     answer_slot = torch.tensor(row_prompt, device=device)
@@ -183,7 +135,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             current, part = sequences[live, : width + step], scores[live]
             info = DecodingStep(step=step, weights=weights[live])
             for k, processor in enumerate(logits_processors):
-                if not _row_aware(processor):
+                if not row_aware(processor):
                     part = processor(current, part)
                     continue
                 info.state = states[k][live] if k in states else None
@@ -323,9 +275,9 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
     return result
 
 
-def _check_sampling(n, temperature, top_p, seed) -> tuple[int, float, float, int]:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n (answers per question) must be an integer >= 1, got {n!r}")
+def _check_sampling(num_samples, temperature, top_p, seed) -> tuple[int, float, float, int]:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples (answers per question) must be an integer >= 1, got {num_samples!r}")
     try:
         temperature, top_p = float(temperature), float(top_p)
     except (TypeError, ValueError):
@@ -336,27 +288,27 @@ def _check_sampling(n, temperature, top_p, seed) -> tuple[int, float, float, int
         raise ValueError(f"top_p must lie in (0, 1] (1 keeps the whole vocabulary), got {top_p!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(n), temperature, top_p, int(seed)
+    return int(num_samples), temperature, top_p, int(seed)
 
 
-def _sample(model, tokenizer, questions, *, n, temperature, top_p, max_new_tokens, seed, logits_processors,
+def _sample(model, tokenizer, questions, *, num_samples, temperature, top_p, max_new_tokens, seed, logits_processors,
             batch_size, progress, with_greedy: bool, step_observer: StepObserver | None = None):
     """Checked arguments -> (greedy ids per question or None, sampled ids per question)."""
     questions = _check_common(questions, max_new_tokens)
-    n, temperature, top_p, seed = _check_sampling(n, temperature, top_p, seed)
+    num_samples, temperature, top_p, seed = _check_sampling(num_samples, temperature, top_p, seed)
     if _is_engine(model):  # another engine (vllm_backend.VLLMSampler) samples for us
-        out = model.sample_token_ids(questions, n=n, temperature=temperature, top_p=top_p,
+        out = model.sample_token_ids(questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
                                      max_new_tokens=int(max_new_tokens), seed=seed, logits_processors=logits_processors,
                                      step_observer=step_observer, with_greedy=with_greedy, progress=progress)
         return out if with_greedy else (None, out)
     batch_size = _check_batch_size(batch_size, model)
     first = [GREEDY] if with_greedy else []
-    rows = [(i, j) for i in range(len(questions)) for j in first + list(range(n))]
+    rows = [(i, j) for i in range(len(questions)) for j in first + list(range(num_samples))]
     ids = _run(model, tokenizer, questions, rows, max_new_tokens=int(max_new_tokens), seed=seed,
                temperature=temperature, top_p=top_p, logits_processors=list(logits_processors or []),
                batch_size=batch_size, progress=progress, desc="sampling",
                step_observer=step_observer) if questions else []
-    width = n + len(first)
+    width = num_samples + len(first)
     per_question = [ids[k * width:(k + 1) * width] for k in range(len(questions))]
     greedy = [rows_[0] for rows_ in per_question] if with_greedy else None
     return greedy, [rows_[len(first):] for rows_ in per_question]
@@ -372,14 +324,15 @@ def answer_texts(tokenizer, ids: list[list[int]]) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def sample_token_ids(model, tokenizer, questions: Sequence[str], *, n: int, temperature: float = 1.0,
+@renamed_arguments(n="num_samples")
+def sample_token_ids(model, tokenizer, questions: Sequence[str], *, num_samples: int, temperature: float = 1.0,
                      top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                      logits_processors: Sequence[LogitsProcessor] | None = None,
                      batch_size: int | None = None, progress: bool = True,
                      step_observer: StepObserver | None = None) -> list[list[list[int]]]:
     """Like `sample_answers`, but the generated token ids (EOS not included): `result[i][j]` is
     the list of tokens of answer j to question i. An empty list means EOS came first."""
-    return _sample(model, tokenizer, questions, n=n, temperature=temperature, top_p=top_p,
+    return _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
                    max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
                    batch_size=batch_size, progress=progress, with_greedy=False, step_observer=step_observer)[1]
 
@@ -407,11 +360,12 @@ def sample_rows(model, tokenizer, questions: Sequence[str], rows: Sequence[tuple
                 batch_size=batch_size, progress=progress, desc="sampling", step_observer=step_observer)
 
 
-def sample_answers(model, tokenizer, questions: Sequence[str], *, n: int, temperature: float = 1.0,
+@renamed_arguments(n="num_samples")
+def sample_answers(model, tokenizer, questions: Sequence[str], *, num_samples: int, temperature: float = 1.0,
                    top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                    logits_processors: Sequence[LogitsProcessor] | None = None,
                    batch_size: int | None = None, progress: bool = True) -> list[list[str]]:
-    """n sampled answers to each raw question (formatted with `models.format_prompt`), in order:
+    """`num_samples` sampled answers to each raw question (formatted with `models.format_prompt`), in order:
     `result[i][j]` is answer j to question i, the decoded new text only (special tokens skipped,
     stripped). SPEC §5, [P1] §4.
 
@@ -422,14 +376,15 @@ def sample_answers(model, tokenizer, questions: Sequence[str], *, n: int, temper
     CPU, 2048 on a GPU); it changes speed and memory, not the answers (see the bfloat16 caveat in
     the module docstring). Shows a progress bar unless progress=False.
     """
-    ids = sample_token_ids(model, tokenizer, questions, n=n, temperature=temperature, top_p=top_p,
+    ids = sample_token_ids(model, tokenizer, questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
                            batch_size=batch_size, progress=progress)
     return [answer_texts(tokenizer, rows) for rows in ids]
 
 
-def greedy_and_sampled_answers(model, tokenizer, questions: Sequence[str], *, n: int, temperature: float = 1.0,
-                               top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
+@renamed_arguments(n="num_samples")
+def greedy_and_sampled_answers(model, tokenizer, questions: Sequence[str], *, num_samples: int,
+                               temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                                logits_processors: Sequence[LogitsProcessor] | None = None,
                                batch_size: int | None = None, progress: bool = True,
                                step_observer: StepObserver | None = None) -> tuple[list[str], list[list[str]]]:
@@ -437,8 +392,8 @@ def greedy_and_sampled_answers(model, tokenizer, questions: Sequence[str], *, n:
     is decoded in the same batches as its n samples, which saves a whole decoding loop. The
     answers are those of the two separate calls (logits processors apply to the greedy rows too;
     the step observer sees the greedy rows with sample index `GREEDY`)."""
-    greedy, sampled = _sample(model, tokenizer, questions, n=n, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
+    greedy, sampled = _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
+                              top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
                               batch_size=batch_size, progress=progress, with_greedy=True,
                               step_observer=step_observer)
     return answer_texts(tokenizer, greedy), [answer_texts(tokenizer, rows) for rows in sampled]
@@ -451,8 +406,8 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens
     Same batched, cached decoding as `sample_answers` (used by every greedy evaluation)."""
     questions = _check_common(questions, max_new_tokens)
     if _is_engine(model):
-        greedy, _ = model.sample_token_ids(questions, n=0, max_new_tokens=int(max_new_tokens), with_greedy=True,
-                                           progress=progress)
+        greedy, _ = model.sample_token_ids(questions, num_samples=0, max_new_tokens=int(max_new_tokens),
+                                           with_greedy=True, progress=progress)
         return answer_texts(tokenizer, greedy)
     batch_size = _check_batch_size(batch_size, model)
     if not questions:

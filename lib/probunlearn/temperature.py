@@ -10,7 +10,7 @@ offered, each with its source (SPEC §2):
     (the Leak@k evaluation code's `generate_with_adaptive_temperature`): at step t of an answer the
     confidence c_t is the mean, over that answer's steps 1..t, of the top-token probability of the
     raw next-token distribution; if c_t > c_T (default 0.9) the step is greedy, else sampled at T.
-    The state (the running mean) is per answer, carried by the sampler (`sampling.DecodingStep`).
+    The state (the running mean) is per answer, carried by the sampler (`processors.DecodingStep`).
 (b) **Entropy rule** (`AdaptiveTemperature`), our earlier reading: if the entropy H_t of the raw
     next-token distribution is below h_τ, sample at `low_temperature` (default 0: greedy), else at
     T; h_τ is the `quantile` (default 5 %) of the per-step entropies the same model shows when it
@@ -33,7 +33,9 @@ import torch
 
 from probunlearn import bounds
 from probunlearn.probabilistic import evaluate_model, score_samples
-from probunlearn.sampling import DecodingStep, answer_texts, sample_rows, sample_token_ids
+from probunlearn.processors import DecodingStep
+from probunlearn.sampling import answer_texts, sample_rows, sample_token_ids
+from probunlearn.utils import renamed_arguments
 
 __all__ = ["next_token_entropy", "EntropyRecorder", "AdaptiveTemperature", "ConfidenceTemperature",
            "calibrate_threshold", "threshold_from_entropies", "StepTrace", "evaluate_adaptive", "READINGS"]
@@ -152,7 +154,7 @@ class ConfidenceTemperature(_TwoBranchTemperature):
     raw logits; if c_t > `threshold` the step is decoded greedily (`low_temperature` 0), else sampled
     at `temperature`. threshold 0: every step greedy; threshold 1: plain sampling (c_t ≤ 1).
 
-    The running mean is per-answer state (`initial_state`, `sampling.DecodingStep`): the sampler
+    The running mean is per-answer state (`initial_state`, `processors.DecodingStep`): the sampler
     carries it with each answer's prefix, so an answer never depends on `batch_size` or on the
     other answers. Use as `sample_answers(..., logits_processors=[ConfidenceTemperature()])`."""
 
@@ -181,17 +183,18 @@ class ConfidenceTemperature(_TwoBranchTemperature):
 READINGS = {"entropy": AdaptiveTemperature, "confidence": ConfidenceTemperature}
 
 
+@renamed_arguments(n="num_samples")
 def calibrate_threshold(model, tokenizer, retain_questions: Sequence[str], *, quantile: float = 0.05,
-                        n: int = 16, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
+                        num_samples: int = 16, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
                         seed: int = 0, batch_size: int | None = None, progress: bool = True) -> dict:
     """h_τ for `AdaptiveTemperature`: the `quantile` of the next-token entropies of `model` over
-    every decoding step of `n` sampled answers to each retain question (SPEC §2). Returns
+    every decoding step of `num_samples` sampled answers to each retain question (SPEC §2). Returns
     {'threshold', 'quantile', 'steps', 'entropies'}."""
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), e.g. 0.05, got {quantile!r}")
     recorder = EntropyRecorder()
-    sample_token_ids(model, tokenizer, list(retain_questions), n=n, temperature=temperature, top_p=top_p,
-                     max_new_tokens=max_new_tokens, seed=seed, logits_processors=[recorder],
+    sample_token_ids(model, tokenizer, list(retain_questions), num_samples=num_samples, temperature=temperature,
+                     top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, logits_processors=[recorder],
                      batch_size=batch_size, progress=progress)
     return threshold_from_entropies(recorder.entropies, quantile) | {"entropies": recorder.entropies}
 
@@ -280,11 +283,13 @@ class StepTrace:
         return int((processor.fires_in(self)[keep]).sum()), int(keep.sum())
 
 
+@renamed_arguments(lam="ed_weight")
 def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("entropy", "confidence"),
                       calibrate_on: str = "retain", quantile: float = 0.05, confidence_threshold: float = 0.9,
                       low_temperature: float = 0.0, temperature: float = 1.0, num_samples: int, max_new_tokens: int,
-                      top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5, lam: float = bounds.LAM,
-                      seed: int = 0, batch_size: int | None = None, progress: bool = True, replay: bool = True) -> dict:
+                      top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5,
+                      ed_weight: float = bounds.ED_WEIGHT, seed: int = 0, batch_size: int | None = None,
+                      progress: bool = True, replay: bool = True) -> dict:
     """`probabilistic.evaluate_model` of one model plainly and under each reading of adaptive
     temperature (`READINGS`: "entropy", h_τ calibrated as the `quantile` of the entropies recorded
     on the `calibrate_on` split; "confidence", c_T = `confidence_threshold`), per split (SPEC §2).
@@ -309,7 +314,7 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
         raise ValueError(f"calibrate_on={calibrate_on!r} is not one of the splits {list(splits)}")
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                     batch_size=batch_size, progress=progress)
-    scoring = dict(alpha=alpha, leak_tau=leak_tau, lam=lam)
+    scoring = dict(alpha=alpha, leak_tau=leak_tau, ed_weight=ed_weight)
     plain, traces = {}, {}
     for name, dataset in splits.items():
         traces[name] = StepTrace()

@@ -6,10 +6,12 @@ Used by every notebook; settings live in the profile YAML files (`probunlearn/pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,25 @@ from typing import Any
 import numpy as np
 
 PROFILES = ("smoke", "tofu-smoke", "cpu", "paper")
+
+
+def renamed_arguments(**renamed: str):
+    """Accept the old names of keyword arguments for one release: `@renamed_arguments(lam="ed_weight")`
+    passes `lam=` on as `ed_weight=`, with a DeprecationWarning that names the new one (the package
+    speaks one vocabulary, SPEC.md's; notebooks and users written against the old names keep working)."""
+    def wrap(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            for old, new in renamed.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{function.__name__}() got {old}= and its new name {new}=: pass {new}= only")
+                    warnings.warn(f"{function.__name__}({old}=...) is deprecated: pass {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+        return call
+    return wrap
 
 
 def set_seed(seed: int) -> None:

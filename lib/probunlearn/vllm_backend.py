@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 from probunlearn.models import META_FILE, adapter_base, encode_prompt, load_model, resolve_model
+from probunlearn.utils import renamed_arguments
 
 __all__ = ["vllm_available", "VLLMSampler", "answer_seed", "engine_model", "shared_sampler", "close_shared_sampler",
            "merged_directory"]
@@ -134,8 +135,9 @@ class VLLMSampler:
         lora_id = self._lora_ids.setdefault(self.adapter, len(self._lora_ids) + 1)
         return LoRARequest(f"adapter{lora_id}", lora_id, self.adapter)
 
-    def sample_token_ids(self, questions: Sequence[str], *, n: int, temperature: float = 1.0, top_p: float = 1.0,
-                         max_new_tokens: int, seed: int | None = None, logits_processors=None,
+    @renamed_arguments(n="num_samples")
+    def sample_token_ids(self, questions: Sequence[str], *, num_samples: int, temperature: float = 1.0,
+                         top_p: float = 1.0, max_new_tokens: int, seed: int | None = None, logits_processors=None,
                          step_observer=None, with_greedy: bool = False, progress: bool = True):
         """Like `sampling.sample_token_ids` (and, with `with_greedy`, also the greedy answer of each
         question): `result[i][j]` are the tokens of answer j to question i, EOS excluded."""
@@ -153,17 +155,18 @@ class VLLMSampler:
                 prompts.append(ids)
                 params.append(SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens))
                 owners.append((i, -1))
-            if n == 0:
+            if num_samples == 0:
                 continue
             if self.per_answer_seeds:
-                for j in range(n):
+                for j in range(num_samples):
                     prompts.append(ids)
                     params.append(SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                                  seed=answer_seed(seed, question, j)))
                     owners.append((i, j))
             else:
                 prompts.append(ids)
-                params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens))
+                params.append(SamplingParams(n=num_samples, temperature=temperature, top_p=top_p,
+                                             max_tokens=max_new_tokens))
                 owners.append((i, None))
         outputs = self.engine.generate(prompts, params, lora_request=self._lora(), use_tqdm=progress)
         eos = {self.tokenizer.eos_token_id}
