@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from probunlearn import bounds, probabilistic
+from probunlearn import bounds, probabilistic, results
 from tiny_lm import tiny_model, tiny_tokenizer
 
 
@@ -56,7 +56,7 @@ def test_coverage_simulation_holds_at_small_scale():
     assert (table["slack"] > -0.05).all()
 
 
-def test_list_models_and_subset(tmp_path):
+def test_list_models_and_subset(tmp_path):  # results.list_models, probabilistic.spread_subset
     for name in ("target", "retain", "ga", "npo"):
         (tmp_path / "models" / name).mkdir(parents=True)
         (tmp_path / "models" / name / "probunlearn.json").write_text(json.dumps({"base": "x"}))
@@ -64,7 +64,7 @@ def test_list_models_and_subset(tmp_path):
     for seed in (0, 2):  # an unlearned model of notebook 03: one per seed
         (tmp_path / "models" / "ga_mix" / f"seed{seed}").mkdir(parents=True)
         (tmp_path / "models" / "ga_mix" / f"seed{seed}" / "probunlearn.json").write_text(json.dumps({"base": "x"}))
-    models = probabilistic.list_models(tmp_path, "smollm2-135m")
+    models = results.list_models(tmp_path, "smollm2-135m")
     assert list(models) == ["base", "target", "retain", "ga", "ga_mix", "npo"]
     assert models["base"] == {None: "smollm2-135m"} and list(models["target"]) == [None]
     assert models["ga_mix"] == {0: str(tmp_path / "models" / "ga_mix" / "seed0"), 2: str(tmp_path / "models" / "ga_mix" / "seed2")}

@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 
 from probunlearn.models import adapter_base, add_lora, load_adapter, load_model, merge_adapter
-from probunlearn.probabilistic import evaluate_model, list_models, question_cells, spread_subset
+from probunlearn.probabilistic import evaluate_model, question_cells, spread_subset
 from probunlearn.quantization import quantization_code_change, quantized_copies, quantized_copy
+from probunlearn.results import model_runs
 from probunlearn.stats import paired_verdicts
 from probunlearn.training import train_lora
 
@@ -44,17 +45,14 @@ def relearning_halves(forget, num_measured: int | None):
 
 def attack_runs(results: str | Path, base_model: str, names: Sequence[str], seeds: Sequence[int]):
     """`(target_dir, runs)`: the saved target of a results folder, and the models to attack as
-    (name, seed, path): an unlearned model once per seed in `seeds`, a model saved without seeds
-    (the references: target, retain) once, with the first seed."""
-    models = {name: list_models(results, base_model).get(name) for name in ["target", *names]}
-    missing = [name for name, by_seed in models.items() if by_seed is None]
+    (name, seed, path), in the order of `names`: an unlearned model once per seed in `seeds`, a model
+    saved without seeds (the references: target, retain) once, with the first seed (`model_runs`)."""
+    models, runs = model_runs(results, base_model, ["target", *names], seeds)
+    missing = [name for name in ["target", *names] if name not in models]
     if missing:
         raise FileNotFoundError(f"no saved model {missing} under {Path(results) / 'models'}: "
                                 "run notebook 03 with them in SAVE_MODELS")
-    runs = [(name, seed, path) for name in names
-            for seed, path in (models[name].items() if None not in models[name] else [(seeds[0], models[name][None])])
-            if seed in seeds]
-    return models["target"][None], runs
+    return models["target"][None], [run for name in names for run in runs if run[0] == name]
 
 
 def relearned(model, tokenizer, relearn_set, *, steps: int, learning_rate: float, lora_r: int,

@@ -17,12 +17,10 @@ from scipy import stats
 
 from probunlearn import bounds
 from probunlearn.metrics import distinct_n, is_leak, rouge_l_recall
-from probunlearn.models import META_FILE
 from probunlearn.sampling import greedy_and_sampled_answers
 from probunlearn.utils import load_json, renamed_arguments, save_json
 
 __all__ = [
-    "list_models",
     "spread_subset",
     "question_bounds",
     "evaluate_model",
@@ -38,36 +36,6 @@ __all__ = [
 ]
 
 # The models trained by notebooks 02 and 03, in the order tables and figures list them.
-FIRST_MODELS = ("base", "target", "retain")
-
-
-# ---------------------------------------------------------------------------------------------
-# which models, which questions
-
-
-def list_models(results: str | Path, base_model: str) -> dict[str, dict]:
-    """Every model of a results folder, by name, as {seed: path}: `base` (the profile's MODEL, no
-    directory), then each directory of `results/models/` that `load_model` can load (a saved adapter
-    or a full model): `target` and `retain` from notebook 02, then the unlearned models of notebook 03
-    in alphabetical order, which hold one model per unlearning seed (`<name>/seed<k>/`). A model
-    without seeds maps to {None: path}: the same model for every seed."""
-    def loadable(path: Path) -> bool:
-        return path.is_dir() and ((path / META_FILE).exists() or (path / "config.json").exists())
-
-    models = {"base": {None: str(base_model)}}
-    folder = Path(results) / "models"
-    rank = {name: i for i, name in enumerate(FIRST_MODELS)}
-    for path in sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: (rank.get(p.name, len(rank)), p.name)):
-        if loadable(path):
-            models[path.name] = {None: str(path)}
-            continue
-        seeds = {int(s.name.removeprefix("seed")): str(s) for s in path.glob("seed*")
-                 if s.name.removeprefix("seed").isdigit() and loadable(s)}
-        if seeds:
-            models[path.name] = dict(sorted(seeds.items()))
-    return models
-
-
 def spread_subset(dataset, limit: int | None):
     """At most `limit` records, evenly spread over the data set (so every author and fact type is
     represented, unlike the first `limit` records); all records when limit is None."""

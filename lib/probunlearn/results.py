@@ -1,17 +1,18 @@
 """What the notebooks leave in a results folder (`results/<profile>/`, the only channel between them),
 by name: the tables and summaries each notebook writes and the later ones read (`save_artefact`,
-`read_artefact`), and where an unlearned model is saved for (method, control, seed)
-(`saved_model_dir`).
+`read_artefact`), where an unlearned model is saved for (method, control, seed) (`saved_model_dir`),
+and the saved models a notebook evaluates, per seed (`list_models`, `model_runs`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
+from probunlearn.models import META_FILE
 from probunlearn.utils import load_json, save_json, save_table
 
 # name -> file under the results folder, by the notebook that writes it. A `.json` holds a summary
@@ -47,6 +48,9 @@ ARTEFACTS = {
     "attack_table": "attacks/table.csv",
 }
 MARKDOWN_TOO = ("matched_utility", "entropy_headline", "attack_table")
+
+# The models of notebook 02 that `list_models` lists first, in this order.
+FIRST_MODELS = ("base", "target", "retain")
 
 # How notebook 03 names the model of each control (SPEC §3): `<method><suffix>`, e.g. ga_es, npo_mix.
 CONTROL_SUFFIX = {"uncontrolled": "", "early stopped": "_es", "mixed": "_mix"}
@@ -94,3 +98,39 @@ def saved_model_dir(results: str | os.PathLike, method: str, control: str, seed:
     """`models/<model_name>/seed<seed>/` under the results folder: where notebook 03 saves an unlearned
     model of `SAVE_MODELS`, and notebooks 04-06 load it from."""
     return Path(results) / "models" / model_name(method, control) / f"seed{seed}"
+
+
+def list_models(results: str | Path, base_model: str) -> dict[str, dict]:
+    """Every model of a results folder, by name, as {seed: path}: `base` (the profile's MODEL, no
+    directory), then each directory of `results/models/` that `load_model` can load (a saved adapter
+    or a full model): `target` and `retain` from notebook 02, then the unlearned models of notebook 03
+    in alphabetical order, which hold one model per unlearning seed (`<name>/seed<k>/`). A model
+    without seeds maps to {None: path}: the same model for every seed."""
+    def loadable(path: Path) -> bool:
+        return path.is_dir() and ((path / META_FILE).exists() or (path / "config.json").exists())
+
+    models = {"base": {None: str(base_model)}}
+    folder = Path(results) / "models"
+    rank = {name: i for i, name in enumerate(FIRST_MODELS)}
+    for path in sorted((p for p in folder.glob("*") if p.is_dir()), key=lambda p: (rank.get(p.name, len(rank)), p.name)):
+        if loadable(path):
+            models[path.name] = {None: str(path)}
+            continue
+        seeds = {int(s.name.removeprefix("seed")): str(s) for s in path.glob("seed*")
+                 if s.name.removeprefix("seed").isdigit() and loadable(s)}
+        if seeds:
+            models[path.name] = dict(sorted(seeds.items()))
+    return models
+
+
+def model_runs(results: str | os.PathLike, base_model: str, names: Sequence[str],
+               seeds: Sequence[int]) -> tuple[dict[str, dict], list[tuple]]:
+    """The models `names` of a results folder with this run's `seeds`: `(models, runs)`. `models` maps
+    each name found, in `list_models`' order, to {seed: path} (a model saved without seeds keeps {None:
+    path}; a folder may hold models of an earlier run with more seeds, which are left out). `runs` lists
+    (name, seed, path): an unlearned model once per seed, a model without seeds once, with the first seed."""
+    models = {name: {seed: path for seed, path in by_seed.items() if seed is None or seed in seeds}
+              for name, by_seed in list_models(results, base_model).items() if name in names}
+    runs = [(name, seed, path) for name, by_seed in models.items()
+            for seed, path in (by_seed.items() if None not in by_seed else [(seeds[0], by_seed[None])])]
+    return models, runs
