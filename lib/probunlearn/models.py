@@ -324,7 +324,7 @@ def encode_qa(tokenizer, questions: Sequence[str], answers: Sequence[str], max_l
     `max_length` are cut from the end of the answer. `pad_to`: pad every row to this many
     positions (at least the longest row) instead of the longest row, as [P1]'s code pads every
     batch to 256 tokens; it matters only for quantities that average over padding, such as
-    `unlearning.answer_entropy(..., positions="all")`."""
+    `objectives.answer_entropy(..., positions="all")`."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     if not questions:
