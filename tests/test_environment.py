@@ -79,7 +79,7 @@ def get_kernel(*args, **kwargs):
     asked.append(args[0])
     raise RuntimeError("no hub here")
 kernels.get_kernel = get_kernel
-import probunlearn  # imports bitsandbytes, without the lookup while the hub is offline
+import probunlearn.models  # through quantization: bitsandbytes, without the lookup while the hub is offline
 import bitsandbytes
 import bitsandbytes.functional as F
 print(json.dumps({"asked": asked, "bf16_cpu": bool(F.has_avx512bf16()),
@@ -97,7 +97,8 @@ def _probe(offline: str) -> tuple[dict, str]:
 def test_offline_bitsandbytes_is_imported_without_asking_the_kernel_hub():
     """On a CPU with AVX512-BF16, bitsandbytes' CPU backend asks the kernel hub for a fused 4-bit product
     as it is imported; offline, kernels >= 0.19 then warns that it skips the publisher trust check.
-    `import probunlearn` imports bitsandbytes first, with `kernels` unimportable for that moment."""
+    `probunlearn.quantization` (which `models` imports before peft) imports bitsandbytes first, with
+    `kernels` unimportable for that moment."""
     offline, stderr = _probe("1")
     assert offline["asked"] == []
     assert offline["kernels_back"], "kernels must be importable again afterwards (transformers uses it)"

@@ -78,6 +78,11 @@ def test_no_merge_into_4bit_weights(tofu_smoke_run, notebook):
     assert "gemv_4bit: an autograd kernel was not registered" not in text
 
 
+def lines_with(text: str, *words: str) -> list[str]:
+    """The lines of `text` that contain any of `words`."""
+    return [line for line in text.splitlines() if any(word in line for word in words)]
+
+
 @pytest.mark.parametrize("run", ["smoke_run", "tofu_smoke_run"])
 def test_executed_notebooks_carry_no_warnings(request, run):
     """No warning in any executed notebook of either profile: ours are fixed, and the libraries' notices
@@ -85,7 +90,7 @@ def test_executed_notebooks_carry_no_warnings(request, run):
     for name, path in request.getfixturevalue(run)["executed"].items():
         executed = json.loads(path.read_text())
         text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
-        warned = [line for line in text.splitlines() if "Warning" in line or "WARNING" in line]
+        warned = lines_with(text, "Warning", "WARNING")
         assert not warned, (name, warned[:3])
 
 
@@ -95,6 +100,6 @@ def test_the_run_itself_prints_no_warning(request, run):
     warning or error either: in particular not ipykernel's "running over TCP without encryption", nor
     the "KeyboardInterrupt caught in kernel" that an interrupt before a kernel's shutdown can cause."""
     log = request.getfixturevalue(run)["log"].read_text()
-    warned = [line for line in log.replace("\r", "\n").splitlines() if any(w in line for w in ("Warning", "WARNING", "ERROR"))]
+    warned = lines_with(log, "Warning", "WARNING", "ERROR")  # splitlines splits at tqdm's \r too
     assert not warned, warned[:3]
     assert "without encryption" not in log

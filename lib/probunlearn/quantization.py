@@ -3,12 +3,16 @@
 the quantisation attack of notebook 06 (Zhang et al. 2024, arXiv 2410.16454).
 
 bitsandbytes and transformers' loaders are imported inside the functions that use them: bitsandbytes
-is optional on some machines, and both take seconds to import.
+is optional on some machines, and both take seconds to import. The exception: while the Hugging Face
+hub is offline, importing this module (every module that uses peft imports it through `models`)
+imports bitsandbytes at once, without its kernel-hub lookup (`import_bitsandbytes_offline`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +23,42 @@ from probunlearn.hardware import model_device
 from probunlearn.utils import quiet_bitsandbytes
 
 QUANTIZATIONS = ("4bit", "8bit")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE), as huggingface_hub reads it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def import_bitsandbytes_offline() -> bool:
+    """Import bitsandbytes without its kernel-hub lookup, if the hub is offline and bitsandbytes is
+    installed but not imported yet; returns whether it imported it here.
+
+    Why: on a CPU with AVX512-BF16, importing bitsandbytes (peft does) runs its CPU backend, which
+    asks the Hugging Face kernel hub for a fused 4-bit product: `kernels.get_kernel(
+    "kernels-community/quantization-bitsandbytes")`. Offline that cannot succeed. kernels >= 0.19
+    warns first that it skips the publisher's trust check, then finds no download, and bitsandbytes
+    falls back to its own kernels. Here `kernels` cannot be imported while bitsandbytes is imported,
+    so it falls back at once, without asking. Afterwards `kernels` is importable again (transformers
+    uses it). Online, nothing changes: the hub may serve the kernel."""
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None or not hub_offline():
+        return False
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        if kernels is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = kernels
+    return True
+
+
+import_bitsandbytes_offline()  # before peft or transformers import bitsandbytes (they do through `models`)
 
 
 def keep_4bit_layout(model):

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from probunlearn.models import META_FILE
-from probunlearn.utils import load_json, save_json, save_table
+from probunlearn.utils import existing, load_json, save_json, save_table
 
 # name -> file under the results folder, by the notebook that writes it. A `.json` holds a summary
 # (a dict), a `.csv` a table; the names in `MARKDOWN_TOO` are also written as `.md` (`save_table`).
@@ -78,13 +78,9 @@ def save_artefact(results: str | os.PathLike, name: str, value: Any) -> Path:
 
 def read_artefact(results: str | os.PathLike, name: str) -> Any:
     """Read what `save_artefact` wrote: a dict (JSON) or a DataFrame (CSV). A missing file names the
-    notebook to run first (`utils.load_json`)."""
+    notebook to run first (`utils.existing`)."""
     path = artefact_path(results, name)
-    if path.suffix == ".json":
-        return load_json(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the notebook that writes it first (see README, 'Notebooks')")
-    return pd.read_csv(path)
+    return load_json(path) if path.suffix == ".json" else pd.read_csv(existing(path))
 
 
 def model_name(method: str, control: str) -> str:

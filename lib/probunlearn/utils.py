@@ -83,8 +83,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PROBUNLEARN_CACHE", Path.home() / ".cache" / "probunlearn"))
 
 
-
-
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,13 +90,18 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_json(path: str | os.PathLike) -> Any:
+def existing(path: str | os.PathLike) -> Path:
+    """`path`, or a FileNotFoundError saying to run the notebook that writes it first."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist: run the notebook that writes it first (see README, 'Notebooks')"
         )
-    return json.loads(path.read_text())
+    return path
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    return json.loads(existing(path).read_text())
 
 
 def _to_builtin(x: Any) -> Any:
@@ -126,48 +129,11 @@ class _BnbNotices:
 def quiet_bitsandbytes() -> None:
     """Install `_BnbNotices` on the loggers that emit them. `import probunlearn` does it, because peft
     imports bitsandbytes when it is installed, and its CPU backend logs the kernel notice on import.
-    While the hub is offline, `import_bitsandbytes_offline` also runs: it stops the kernel lookup."""
+    (While the hub is offline, `quantization.import_bitsandbytes_offline` stops that lookup itself.)"""
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _BnbNotices) for f in logger.filters):
             logger.addFilter(_BnbNotices())
-    import_bitsandbytes_offline()
-
-
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE), as huggingface_hub reads it."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def import_bitsandbytes_offline() -> bool:
-    """Import bitsandbytes without its kernel-hub lookup, if the hub is offline and bitsandbytes is
-    installed but not imported yet; returns whether it imported it here.
-
-    Why: on a CPU with AVX512-BF16, importing bitsandbytes (peft does) runs its CPU backend, which
-    asks the Hugging Face kernel hub for a fused 4-bit product: `kernels.get_kernel(
-    "kernels-community/quantization-bitsandbytes")`. Offline that cannot succeed. kernels >= 0.19
-    warns first that it skips the publisher's trust check, then finds no download, and bitsandbytes
-    falls back to its own kernels. Here `kernels` cannot be imported while bitsandbytes is imported,
-    so it falls back at once, without asking. Afterwards `kernels` is importable again (transformers
-    uses it). Online, nothing changes: the hub may serve the kernel."""
-    import importlib.util
-    import sys
-
-    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None or not hub_offline():
-        return False
-    missing = object()
-    kernels = sys.modules.get("kernels", missing)
-    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
-    try:
-        import bitsandbytes  # noqa: F401
-    finally:
-        if kernels is missing:
-            del sys.modules["kernels"]
-        else:
-            sys.modules["kernels"] = kernels
-    return True
 
 
 @contextlib.contextmanager
