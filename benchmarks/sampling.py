@@ -17,15 +17,16 @@ With `--profile`, one more run of ours goes through `torch.profiler` and the scr
 time goes: matrix products with the weights, attention over the cache, the rest of the model's
 forward pass (norms, rotary embeddings, activations, cache writes, Python inside it), drawing the
 tokens (softmax, nucleus, race) and the decoding loop around them (cache rows copied for prefix
-sharing, bookkeeping, Python). `--attention eager` times transformers' eager attention instead of
-its fused one (sdpa).
+sharing, bookkeeping, Python). Decoding steps compute attention with `attention.decode_attention`
+(matrix products, grouped query heads packed) by default; `--attention sdpa` times PyTorch's fused
+kernel for them instead (as before 2026-12-04), `--attention eager` transformers' eager attention.
 
 With `--backend vllm` (run it with the vLLM environment's python, `make vllm`: .venv-vllm/bin/python)
 the same workload goes through `vllm_backend.VLLMSampler` instead of ours; its engine start is timed apart.
 
 Run: python benchmarks/sampling.py [--questions 8] [--samples 64] [--max-new-tokens 48]
      [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--dtype D]
-     [--skip-reference] [--backend ours|vllm] [--profile] [--attention sdpa|eager]
+     [--skip-reference] [--backend ours|vllm] [--profile] [--attention ours|sdpa|eager]
 Prints both wall times, the ratio (goal: ours >= 5x faster on a 2-core CPU) and, as a check that the
 fast run samples the same distribution, the mean answer length of both.
 """
@@ -33,6 +34,7 @@ fast run samples the same distribution, the mean answer length of both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from collections import Counter
@@ -40,7 +42,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from probunlearn import draws
+from probunlearn import attention, draws, sampling
 from probunlearn.authors import fictitious_authors
 from probunlearn.hardware import matrix_gflops
 from probunlearn.models import encode_prompt, load_model
@@ -68,7 +70,7 @@ def run_ours(model, tokenizer, questions, args) -> tuple[float, list[int]]:
 
 MATRIX_OPS = {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"}
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::bmm")
-FORWARD, DRAW = "model forward", "drawing the tokens"
+FORWARD, DRAW, ATTENTION = "model forward", "drawing the tokens", "attention"
 PARTS = ("matrix products (weights)", "attention over the cache", "rest of the forward pass",
          "drawing the tokens (softmax, nucleus, race)", "decoding loop (cache row copies, bookkeeping, Python)")
 
@@ -85,22 +87,25 @@ def profile_ours(model, tokenizer, questions, args) -> tuple[float, dict[str, fl
                 return function(*a, **k)
         return call
 
-    draw = draws.draw
+    draw, decode = draws.draw, attention.decode_attention  # `decoding_attention` registers the latter per batch
     draws.draw, model.forward = labelled(DRAW, draw), labelled(FORWARD, model.forward)
+    attention.decode_attention = labelled(ATTENTION, decode)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             seconds, _ = run_ours(model, tokenizer, questions, args)
     finally:
-        draws.draw = draw
+        draws.draw, attention.decode_attention = draw, decode
         del model.forward  # the class's method again
     spent = Counter()
     for event in prof.events():
         node, label = event, None
         while label is None and node is not None:  # the innermost labelled call the operator runs in
-            label = node.name if node.name in (FORWARD, DRAW) else None
+            label = node.name if node.name in (FORWARD, DRAW, ATTENTION) else None
             node = node.cpu_parent
         if label == DRAW:
             part = PARTS[3]
+        elif label == ATTENTION:  # everything inside our attention function, copies included
+            part = PARTS[1]
         elif label == FORWARD and event.name in MATRIX_OPS:
             part = PARTS[0]
         elif label == FORWARD and any(name in event.name for name in ATTENTION_OPS):
@@ -145,8 +150,8 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--backend", choices=["ours", "vllm"], default="ours", help="the sampler timed as 'ours'")
     parser.add_argument("--profile", action="store_true", help="one more run of ours, profiled: where its time goes")
-    parser.add_argument("--attention", choices=["sdpa", "eager"], default=None,
-                        help="transformers' attention for ours (default: the model's, sdpa)")
+    parser.add_argument("--attention", choices=["ours", "sdpa", "eager"], default="ours",
+                        help="attention of ours in decoding steps (default: attention.decode_attention)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,8 +160,10 @@ def main() -> None:
     print(f"{len(questions)} questions x n={args.samples} x <= {args.max_new_tokens} new tokens, "
           f"T={args.temperature}, top-p={args.top_p}, {torch.get_num_threads()} threads")
     model, tokenizer = load_model("smollm2-135m", dtype=None if args.dtype == "default" else getattr(torch, args.dtype))
-    if args.attention:
-        model.set_attn_implementation(args.attention)
+    if args.attention == "eager":
+        model.set_attn_implementation("eager")
+    if args.attention != "ours":  # the model's own attention in decoding steps too
+        sampling.decoding_attention = contextlib.nullcontext
     dtype, params = model.dtype, sum(p.numel() for p in model.parameters())
     name = str(dtype).removeprefix("torch.")
     if args.backend == "vllm":
@@ -179,8 +186,8 @@ def main() -> None:
           f"floor for this workload is {tokens * 2 * params / rate / 1e9:.1f} s")
     if args.profile and args.backend == "ours":
         seconds, shares = profile_ours(model, tokenizer, questions, args)
-        print(f"  where the time goes (one more run of ours, profiled: {seconds:.1f} s, "
-              f"attention {model.config._attn_implementation}):")
+        print(f"  where the time goes (one more run of ours, profiled: {seconds:.1f} s, decoding attention "
+              f"{args.attention}):")
         for part, share in shares.items():
             print(f"    {part:55} {share:6.1%}")
     if args.skip_reference:

@@ -67,3 +67,18 @@ def test_onednn_linear_computes_the_float32_product_forward_and_backward():
     assert type(clone) is hardware.OneDNNLinear and not hasattr(clone, "_onednn_packed")
     with torch.no_grad():
         torch.testing.assert_close(clone(x), fast(x))
+
+
+def test_freed_memory_is_reused_on_glibc_unless_told_otherwise(monkeypatch):
+    import ctypes
+    import platform
+
+    hardware.reuse_freed_memory.cache_clear()
+    monkeypatch.setenv("PROBUNLEARN_MALLOC", "system")
+    assert hardware.reuse_freed_memory() is False
+    hardware.reuse_freed_memory.cache_clear()
+    monkeypatch.delenv("PROBUNLEARN_MALLOC")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert hardware.reuse_freed_memory() is glibc
+    if glibc:  # mallopt takes the settings (1 = accepted); setting them again changes nothing
+        assert ctypes.CDLL("libc.so.6").mallopt(-3, hardware.HEAP_THRESHOLD) == 1

@@ -89,9 +89,10 @@ def draw(scores: torch.Tensor, rows: torch.Tensor, keys: np.ndarray, step: int, 
     """One token per answer k from softmax(scores[rows[k]] / temperature) truncated to the top-p
     nucleus, with random stream keys[k]; the softmax and the nucleus are computed once per row used."""
     used, local = torch.unique(rows, return_inverse=True)
-    scores = scores[used]
+    if len(used) < scores.shape[0]:  # else every row is used (`used` is sorted): no copy
+        scores = scores[used]
     if temperature != 1.0:
-        scores = scores.float() / temperature
+        scores = scores.to(torch.float32, copy=True).div_(temperature)  # never the caller's logits in place
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
     if top_p < 1.0:
         probs = torch.where(probs >= nucleus_floor(probs, top_p)[:, None], probs, 0.0)

@@ -29,7 +29,10 @@ of the work on a fine-tuned model, which repeats a memorised answer in most samp
 (`benchmarks/README.md`). The key/value cache is allocated once (no concatenation per step);
 rows whose answers all ended are dropped once they are 1/16 of the batch. Weights run in the
 dtype they were loaded in (bfloat16 on a CPU with AMX, see `hardware.default_dtype`);
-the sampling math is float32 and float64.
+the sampling math is float32 and float64. On a CPU, decoding steps compute attention as matrix
+products (`attention.decode_attention`, what transformers' eager attention computes) rather than
+with the fused kernel, whose per-task cost dominates for one query token, and large tensors are
+served from a heap that keeps freed memory (`hardware.reuse_freed_memory`) instead of fresh pages.
 
 What "independent of batch_size" means in bfloat16: the random numbers of every answer and step
 are the same whatever the batching, so two runs differ only where the model's logits differ. In
@@ -50,7 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from probunlearn import draws
-from probunlearn.hardware import model_device
+from probunlearn.attention import decoding_attention
+from probunlearn.hardware import model_device, reuse_freed_memory
 from probunlearn.kv_cache import cache_argument, kv_cache
 from probunlearn.models import encode_prompt
 from probunlearn.processors import DecodingStep, LogitsProcessor, StepObserver, row_aware
@@ -241,6 +245,7 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
          desc: str, step_observer: StepObserver | None = None) -> list[list[int]]:
     """Token ids of each row (question index i, sample index j; j = GREEDY: argmax decoding), in the
     order of `rows`, decoded in batches of up to `batch_size` consecutive rows."""
+    reuse_freed_memory()
     prompts = {}
     eos_ids = _eos_ids(model, tokenizer)
     result: list[list[int]] = [[] for _ in rows]
@@ -266,9 +271,12 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
             def observer(local_rows, step, logits, rows, tokens, chunk_q=chunk_q, chunk_j=chunk_j):
                 step_observer(chunk_q[local_rows], chunk_j[local_rows], step, logits, rows, tokens)
         before = bar.n
-        ids = _decode(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk], keys, greedy_rows,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step, observer=observer)
+        with decoding_attention(model):
+            ids = _decode(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk], keys,
+                          greedy_rows,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step,
+                          observer=observer)
         bar.update(before + len(chunk) - bar.n)  # rows cut at max_new_tokens count as done too
         result[start:start + len(chunk)] = ids
     bar.close()

@@ -1,0 +1,72 @@
+"""Attention for decoding on a CPU: one query token per row against the key/value cache, as plain
+matrix products with the grouped query heads packed together (SPEC §5, `sampling`).
+
+PyTorch's fused CPU kernel (sdpa) runs one small task per (row, key/value head) and spends most of
+its time outside the arithmetic when the query is a single token: at 256 rows and ~90 cached
+positions it took ~5 ms per layer where the same arithmetic as matrix products takes ~2 ms
+(`benchmarks/README.md`). `decode_attention` computes exactly what transformers' eager attention
+computes (scores in the model's dtype, scaled, masked, softmax in float32 cast back, times the
+values), without copying each key/value head for its query heads: the query heads that share a
+key/value head become the rows of one product. Prompts (several query tokens) and training keep
+the fused kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from probunlearn.hardware import model_device
+
+NAME = "probunlearn_decode"  # the attention implementation's name in transformers' registry
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """A transformers attention function: `query` (rows, heads, q, dim), `key`/`value` (rows,
+    kv_heads, positions, dim), `attention_mask` boolean (rows, 1, q, positions), additive, or None.
+    Single-token queries outside training take the matrix-product path, the rest transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, length, dim = query.shape
+    if length != 1 or module.training or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    kv_heads = key.shape[1]
+    packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads of a key/value head as rows
+    # keys x queries, then transposed: the cache's keys are a view with a stride between rows, which
+    # PyTorch's batched product takes as is on the left but copies when transposed on the right
+    scores = torch.matmul(key, packed.transpose(-1, -2)).transpose(-1, -2) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value)  # rows, kv_heads, groups, dim
+    return out.reshape(rows, 1, heads, dim), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def decoding_attention(model):
+    """Within the block, a model on a CPU whose attention is transformers' sdpa decodes single
+    tokens with `decode_attention`; on a GPU, or with any other attention, nothing changes."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = current == "sdpa" and model_device(model).type == "cpu"
+    if switch:
+        _register()
+        config._attn_implementation = NAME
+    try:
+        yield model
+    finally:
+        if switch:
+            config._attn_implementation = current

@@ -1,0 +1,101 @@
+"""Tests of probunlearn.attention: the decoding attention computes what transformers' eager attention
+computes (grouped query heads, padding masks), the model switches to it only inside the block and
+only for single-token steps, and a tiny model's decoding logits do not change."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from probunlearn import attention, kv_cache
+from probunlearn.models import encode_prompt
+from tiny_lm import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def module(heads=6, kv_heads=2, training=False):
+    return types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=training, is_causal=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_decode_attention_equals_eager_attention(mask_kind):
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, positions, dim, capacity = 5, 6, 2, 11, 8, 16
+    query = torch.randn(rows, heads, 1, dim, generator=gen)
+    # keys and values as the cache hands them over: a view of a longer buffer
+    key = torch.randn(rows, kv_heads, capacity, dim, generator=gen)[:, :, :positions]
+    value = torch.randn(rows, kv_heads, capacity, dim, generator=gen)[:, :, :positions]
+    padding = torch.arange(positions)[None, :] >= torch.tensor([0, 3, 0, 7, 1])[:, None]  # left padding per row
+    mask = {"none": None, "bool": padding[:, None, None, :],
+            "additive": torch.zeros(rows, 1, 1, positions).masked_fill(~padding[:, None, None, :], -1e9)}[mask_kind]
+    eager_mask = None if mask is None else (mask if mask.dtype != torch.bool else
+                                            torch.zeros(mask.shape).masked_fill(~mask, float("-inf")))
+    ours, _ = attention.decode_attention(module(), query, key, value, mask, scaling=dim**-0.5)
+    expected, _ = eager_attention_forward(module(), query, key, value, eager_mask, scaling=dim**-0.5)
+    assert ours.shape == expected.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    if mask is not None:  # the mask matters: without it row 3 attends to its 7 padded positions
+        unmasked, _ = attention.decode_attention(module(), query, key, value, None, scaling=dim**-0.5)
+        assert (unmasked[3] - ours[3]).abs().max() > 1e-3
+
+
+def test_prompts_and_training_keep_the_fused_kernel(monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    calls = []
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or (None, None))
+    q, kv = torch.zeros(2, 6, 3, 8), torch.zeros(2, 2, 3, 8)
+    attention.decode_attention(module(), q, kv, kv, None, scaling=1.0)  # a prompt: 3 query tokens
+    attention.decode_attention(module(training=True), q[:, :, :1], kv, kv, None, scaling=1.0)
+    assert calls == [(2, 6, 3, 8), (2, 6, 1, 8)]
+
+
+def decode_logits(model, tokenizer, questions, steps=3):
+    """Logits of a few greedy decoding steps after left-padded prompts, with the sampler's cache."""
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = kv_cache.kv_cache(width + steps)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **kv_cache.cache_argument(model, cache))
+    logits, pos = [out.logits[:, -1]], positions[:, -1:] + 1
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+        out = model(input_ids=logits[-1].argmax(-1, keepdim=True), attention_mask=mask, position_ids=pos,
+                    use_cache=True, **kv_cache.cache_argument(model, cache))
+        logits.append(out.logits[:, -1])
+        pos = pos + 1
+    return torch.stack(logits)
+
+
+@torch.inference_mode()
+def test_a_model_decodes_the_same_logits_inside_the_block(monkeypatch):
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads < 4
+    questions = ["hi", "what is the name of the author?", "where?"]  # different lengths: padded rows
+    reference = decode_logits(model, tokenizer, questions)
+    calls = []
+    decode = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a, **k: calls.append(a[1].shape[2]) or decode(*a, **k))
+    with attention.decoding_attention(model):
+        assert model.config._attn_implementation == attention.NAME
+        ours = decode_logits(model, tokenizer, questions)
+    assert model.config._attn_implementation == "sdpa"
+    assert sorted(set(calls)) == [1, max(len(encode_prompt(tokenizer, q)) for q in questions)]
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_the_block_restores_the_attention_after_an_error():
+    model = tiny_model()
+    with pytest.raises(RuntimeError), attention.decoding_attention(model):
+        raise RuntimeError("stop")
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")  # another attention: left alone
+    with attention.decoding_attention(model):
+        assert model.config._attn_implementation == "eager"
