@@ -14,6 +14,7 @@ the fused kernel.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -56,17 +57,25 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def decoding_attention(model):
-    """Within the block, a model on a CPU whose attention is transformers' sdpa decodes single
-    tokens with `decode_attention`; on a GPU, or with any other attention, nothing changes."""
-    config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    switch = current == "sdpa" and model_device(model).type == "cpu"
+def switched_attention(model, implementation: str, replaces: Callable[[str], bool]):
+    """Within the block, a model on a CPU whose attention implementation `current` has
+    `replaces(current)` true computes attention with `implementation`, and with its own again after
+    the block (also after an error). On a GPU, or for a model without a switchable attention,
+    nothing changes. `decoding_attention` and `models.training_attention` are two such switches."""
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = (current is not None and replaces(current) and model_device(model).type == "cpu"
+              and hasattr(model, "set_attn_implementation"))
     if switch:
-        _register()
-        config._attn_implementation = NAME
+        model.set_attn_implementation(implementation)
     try:
         yield model
     finally:
         if switch:
-            config._attn_implementation = current
+            model.set_attn_implementation(current)
+
+
+def decoding_attention(model):
+    """Within the block, a model on a CPU whose attention is transformers' sdpa decodes single
+    tokens with `decode_attention`; on a GPU, or with any other attention, nothing changes."""
+    _register()
+    return switched_attention(model, NAME, lambda current: current == "sdpa")

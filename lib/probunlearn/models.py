@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from probunlearn.attention import switched_attention
 from probunlearn.hardware import OneDNNLinear, default_device, default_dtype, model_device, use_onednn
 from probunlearn.quantization import bnb_config, keep_4bit_layout, quantized_copy
 from probunlearn.utils import cache_dir
@@ -366,22 +367,12 @@ class AnswerOnlyCollator:
                          [r[self.answer_field] for r in records], self.max_length, pad_to=self.pad_to)
 
 
-@contextlib.contextmanager
 def training_attention(model):
     """Within the block, a model on a CPU computes attention as plain matrix products ("eager")
     instead of PyTorch's fused CPU kernel (sdpa): for training steps on short padded QA
     sequences the fused kernel's backward is slow, and eager is ~30 % faster per step
-    (`benchmarks/training.py`). Decoding keeps the fused kernel, which is faster there. On a GPU,
-    or for a model without a switchable attention, nothing changes."""
-    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    switch = (model_device(model).type == "cpu" and current not in (None, "eager")
-              and hasattr(model, "set_attn_implementation"))
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield model
-    finally:
-        if switch:
-            model.set_attn_implementation(current)
+    (`benchmarks/training.py`). Decoding keeps its own attention (`attention.decoding_attention`).
+    On a GPU, or for a model without a switchable attention, nothing changes."""
+    return switched_attention(model, "eager", lambda current: current != "eager")
 
 
