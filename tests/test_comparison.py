@@ -83,7 +83,9 @@ def test_variant_table_and_verdicts_on_known_cells():
     verdicts = verdict_table(cells).set_index("variant")
     assert verdicts.loc["+ entropy", "verdict"] == "lower"
     assert verdicts.loc["+ entropy", "mean_difference"] == pytest.approx(-0.3)
-    assert verdicts.loc["+ AT (entropy)", "verdict"] == "not lower"  # the same cells: nothing changed
+    assert verdicts.loc["+ AT (entropy)", "verdict"] == "no difference"  # the same cells: nothing changed
+    assert np.isnan(verdicts.loc["+ AT (entropy)", "p_value_holm"]) and verdicts.loc["+ entropy", "p_value_holm"] < 0.05
+    assert (verdicts["groups"] == 3).all()
     assert (verdicts["cells"] == 24).all()
 
 
@@ -102,13 +104,13 @@ def test_method_verdicts_pair_each_method_with_the_baseline_on_the_same_cells():
             rows.append({"seed": seed, "method": "better", "variant": "mixed", "split": "retain", "question": question,
                          "rouge_l_recall": 0.0})  # retain cells are not part of the comparison
     cells = pd.DataFrame(rows).sample(frac=1, random_state=1)  # pairing must not rely on row order
-    table = method_verdicts(cells).set_index(["variant", "method"])
+    table = method_verdicts(cells, metric="rouge_l_recall").set_index(["variant", "method"])
     assert len(table) == 4 and (table["cells"] == 30).all() and (table["seeds"] == 3).all()
     assert table.loc[("uncontrolled", "better"), "verdict"] == "lower"
     assert table.loc[("uncontrolled", "better"), "mean_difference"] == pytest.approx(-0.3, abs=0.01)
     assert table.loc[("mixed", "better"), "verdict"] == "inconclusive"  # the gap is gone at matched utility
     with pytest.raises(ValueError, match="baseline"):
-        method_verdicts(cells, baseline="npo")
+        method_verdicts(cells, baseline="npo", metric="rouge_l_recall")
 
 
 def test_mixing_lambdas_follow_the_model_behind_each_variant_not_its_name():

@@ -93,3 +93,38 @@ def test_unlearn_with_control_reports_and_applies_its_choice(tiny, control):
     with pytest.raises(ValueError, match="control"):
         unlearn_with_control(model, tokenizer, FORGET, RETAIN, method="ga", eval_sets=eval_sets, bar=0.0,
                              control="none", steps=1, learning_rate=0.05, batch_size=4)
+
+
+def test_variant_cells_and_the_ranking_by_distance_to_the_retain_model():
+    """SPEC §4: rank by the distance to the retain model; the lowest forget score rewards damage."""
+    import pandas as pd
+
+    from probunlearn.control import rank_methods, variant_cells
+    from probunlearn.evaluation import question_cells, retain_distance, summarise_splits
+
+    def evaluation(forget):
+        return {"evaluation": {"forget_rouge_l_recall_per_question": forget,
+                               "retain_rouge_l_recall_per_question": [1.0, 1.0]}}
+
+    # retain model: 0.6 on both forget questions; "broken" scores 0 (damage), "close" stays near 0.6
+    variants = {(seed, method): {"uncontrolled": evaluation(forget), "mixed": evaluation(forget)}
+                for seed in (0, 1) for method, forget in (("broken", [0.0, 0.1]), ("close", [0.6, 0.7]),
+                                                          ("remembers", [1.0, 1.0]))}
+    cells = variant_cells(variants, metrics=["rouge_l_recall"])
+    assert len(cells) == 2 * 3 * 2 * 2 * 2
+    assert cells.columns.tolist() == ["seed", "method", "variant", "split", "question", "rouge_l_recall"]
+    retain = question_cells({"forget_rouge_l_recall_per_question": [0.6, 0.6],
+                             "retain_rouge_l_recall_per_question": [1.0, 1.0]}, ["rouge_l_recall"])
+    cells = retain_distance(cells, retain, ["rouge_l_recall"])
+    summary = summarise_splits(cells, ["rouge_l_recall", "rouge_l_recall_distance"])
+    ranking = rank_methods(summary, variants=("mixed", "uncontrolled"))
+    mixed = ranking[ranking["variant"] == "mixed"]
+    assert mixed["method"].tolist() == ["close", "remembers", "broken"]
+    assert mixed["method_by_lowest_forget_rouge_l_recall"].tolist() == ["broken", "close", "remembers"]
+    assert mixed["rank"].tolist() == [1, 2, 3]
+    assert mixed["forget_rouge_l_recall_distance"].tolist() == pytest.approx([0.05, 0.4, 0.55])
+    assert {"forget_rouge_l_recall_distance_low", "forget_rouge_l_recall_distance_high",
+            "forget_rouge_l_recall_low"} <= set(ranking.columns)
+    with pytest.raises(KeyError, match="retain_distance"):
+        rank_methods(summary.drop(columns="forget_rouge_l_recall_distance_low"))
+    assert isinstance(ranking, pd.DataFrame)

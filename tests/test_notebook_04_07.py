@@ -14,7 +14,8 @@ SMOKE = load_profile("smoke")
 # what notebook 07 promises (its header table): every figure as PNG and PDF, every table as .md and .csv
 FIGURES = ["headline_greedy_vs_sampled", "bounds_vs_samples", "entropy_dynamics", "entropy_temperature", "attacks",
            "unlearning_curves", "forget_utility_tradeoff", "bound_coverage", "finetune_knowledge"]
-TABLES = ["table_finetune", "table_matched_utility", "table_matched_utility_verdicts", "table_probabilistic", "table_entropy",
+TABLES = ["table_finetune", "table_matched_utility", "table_matched_utility_verdicts", "table_ranking", "table_probabilistic", "table_claim",
+          "table_claim_verdicts", "table_facts", "table_entropy",
           "table_entropy_verdicts", "table_mixing_calibration", "table_attacks", "table_attacks_verdicts"]
 VARIANTS = ["baseline", "+ AT (entropy)", "+ AT (confidence)", "+ entropy", "+ entropy + AT (entropy)",
             "+ entropy + AT (confidence)"]

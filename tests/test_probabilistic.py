@@ -93,3 +93,64 @@ def test_evaluate_split_on_a_tiny_model(tmp_path):
     assert again["greedy"].tolist() == table["greedy"].tolist()
     np.testing.assert_array_equal(raw_again["leaks"], raw["leaks"])
     np.testing.assert_allclose(raw_again["scores"], raw["scores"], atol=1e-6)
+
+
+def test_clean_questions_get_more_samples_and_their_bounds_use_all_of_them():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    data = Dataset.from_list([
+        {"question": "who is it?", "answer": "it is me", "keywords": ["zzzz"]},  # the tiny model never says it
+        {"question": "where?", "answer": "here", "keywords": []},  # no keyword, ROUGE-L >= 0: every answer leaks
+    ])
+    kwargs = dict(num_samples=4, max_new_tokens=4, alpha=0.05, leak_tau=0.0, progress=False, seed=3)
+    plain = probabilistic.evaluate_model(model, tokenizer, {"forget": data}, **kwargs)["forget"]
+    table, raw = probabilistic.evaluate_model(model, tokenizer, {"forget": data}, clean_samples=10, **kwargs)["forget"]
+    assert table["greedy_leak"].tolist() == [0.0, 1.0] and table["n"].tolist() == [10, 4]
+    assert [len(s) for s in raw["samples"]] == [10, 4] and raw["scores"].shape == raw["leaks"].shape == (2, 4)
+    assert raw["samples"][0][:4] == plain[1]["samples"][0]  # the first samples are those of the plain run
+    assert len(raw["more_scores"][0]) == 6 and raw["more_scores"][1] == []
+    # the bounds of the clean question use its 10 samples: no leak in 10 gives 1 - alpha^(1/10)
+    np.testing.assert_allclose(table["m_bin"][0], bounds.binary_leak_upper(np.zeros(10, bool), 0.05))
+    np.testing.assert_allclose(table["m_bin"][1], 1.0)
+    cells = probabilistic.question_cells(table)
+    assert cells["n"].tolist() == [10, 4] and cells["leaks_within_n"].tolist() == [0.0, 1.0]
+
+
+def test_claim_table_reads_leaks_of_greedily_clean_questions():
+    import pandas as pd
+
+    rows = []
+    for seed in (0, 1):
+        for q, (greedy, within, rate) in enumerate([(1, 1, 0.5), (0, 1, 0.1), (0, 0, 0.0), (0, 1, 0.2)]):
+            rows.append({"model": "m", "seed": seed, "question": q, "greedy_leak": float(greedy),
+                         "leaks_within_n": float(within), "leak_rate": rate, "n": 16 if greedy else 64})
+    claim = probabilistic.claim_table(pd.DataFrame(rows))
+    row = claim.iloc[0]
+    assert row["greedy_leak"] == 0.25 and row["leaks_within_n"] == 0.75 and row["clean_cells"] == 6
+    np.testing.assert_allclose(row["leak_given_clean"], 2 / 3)
+    assert row["leak_given_clean_low"] <= row["leak_given_clean"] <= row["leak_given_clean_high"]
+    assert row["n_clean"] == "64" and row["n_leaking"] == "16" and row["seeds"] == 2
+
+
+def test_greedy_agreement_maps_notebook_03s_subset_onto_all_questions():
+    import pandas as pd
+
+    ours = pd.DataFrame({"model": "ga_mix", "seed": 0, "question": range(5), "greedy_leak": [1.0, 0, 0, 1, 0]})
+    theirs = pd.DataFrame({"method": "ga", "variant": "mixed", "seed": 0, "split": "forget", "question": [0, 1, 2],
+                           "keyword_hit": [1.0, 0.0, 1.0]})  # 3 spread questions of 5: 0, 2, 4
+    agreement = probabilistic.greedy_agreement(ours, theirs, forget_size=5)
+    assert agreement["question"].tolist() == [0, 2, 4] and agreement["agree"].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_claim_verdicts_compare_clean_questions_with_the_retain_model_on_the_same_questions():
+    import pandas as pd
+
+    rows = [{"model": "retain", "seed": 0, "question": q, "greedy_leak": 0.0, "leak_rate": 0.0} for q in range(6)]
+    for seed in (0, 1, 2):
+        rows += [{"model": "hides", "seed": seed, "question": q, "greedy_leak": float(q == 0), "leak_rate": 0.3 + 0.01 * q}
+                 for q in range(6)]
+        rows += [{"model": "forgot", "seed": seed, "question": q, "greedy_leak": 0.0, "leak_rate": 0.0} for q in range(6)]
+    table = probabilistic.claim_verdicts(pd.DataFrame(rows)).set_index("model")
+    assert table.loc["hides", "clean_cells"] == 15 and table.loc["hides", "verdict"] == "higher"
+    assert table.loc["hides", "mean_difference"] == pytest.approx(0.33, abs=1e-9)  # model - retain
+    assert table.loc["forgot", "verdict"] == "no difference" and np.isnan(table.loc["forgot", "p_value_holm"])
+    assert "retain" not in table.index

@@ -44,3 +44,21 @@ def test_model_runs_keep_this_runs_seeds_and_run_a_seedless_model_once(tmp_path)
     assert list(models) == ["target", "ga_mix"] and list(models["ga_mix"]) == [0, 1]
     assert [(name, seed) for name, seed, _ in runs] == [("target", 1), ("ga_mix", 0), ("ga_mix", 1)]
     assert runs[0][2] == str(tmp_path / "models" / "target")
+
+
+def test_same_models_finds_identical_unlearned_models_and_the_target(tmp_path):
+    def save(path, **meta):
+        path.mkdir(parents=True)
+        (path / "probunlearn.json").write_text(json.dumps({"base": "x", **meta}))
+
+    save(tmp_path / "target")
+    save(tmp_path / "gd" / "seed0", method="gd", seed=0, step=9, **{"lambda": 0.0})
+    save(tmp_path / "gd_es" / "seed0", method="gd", seed=0, step=9, **{"lambda": 0.0})  # stopped at the last step
+    save(tmp_path / "gd_es" / "seed1", method="gd", seed=1, step=9, **{"lambda": 0.0})  # another seed: another model
+    save(tmp_path / "gd_mix" / "seed0", method="gd", seed=0, step=9, **{"lambda": 0.25})
+    save(tmp_path / "ga_temp_mix" / "seed1", method="ga_temp", seed=1, step=9, **{"lambda": 1.0})  # the target
+    runs = [("target", 0, str(tmp_path / "target"))] + [
+        (name, seed, str(tmp_path / name / f"seed{seed}"))
+        for name, seed in (("gd", 0), ("gd_es", 0), ("gd_es", 1), ("gd_mix", 0), ("ga_temp_mix", 1))]
+    assert results.same_models(runs) == {("gd_es", 0): ("gd", 0), ("ga_temp_mix", 1): ("target", 0)}
+    assert results.model_identity(tmp_path / "target") == ("path", str(tmp_path / "target"))

@@ -24,8 +24,10 @@ from probunlearn.training import train_lora
 
 NO_ATTACK = "none"
 RELEARNED = "relearned"
-# The verdict of "is the model without an attack lower than the attacked one?", as notebook 06 names it.
-VERDICT_NAMES = {"lower": "brings back", "not lower": "brings nothing back", "inconclusive": "inconclusive"}
+# The verdict of "is the model without an attack lower than the attacked one?" (`stats.VERDICTS`), as
+# notebook 06 names it.
+VERDICT_NAMES = {"lower": "brings back", "higher": "leaks less after the attack", "inconclusive": "inconclusive",
+                 "no difference": "changes nothing"}
 
 
 def relearning_halves(forget, num_measured: int | None):
@@ -123,11 +125,16 @@ def attack_cells(runs, target_dir, measured, relearn_set, *, quantizations: Sequ
 
 def attack_verdicts(cells: pd.DataFrame, metrics: Sequence[str] = ("greedy_leak", "m_bin")) -> pd.DataFrame:
     """Per model, attack and metric: does the attack bring facts back? The paired difference
-    (attacked − no attack) on the same (seed, question) cells, its 95 % interval, the Wilcoxon p-value
-    and the verdict (`VERDICT_NAMES`: "brings back" when the model without the attack is lower)."""
+    (attacked − no attack) on the same (seed, question) cells, its 95 % interval (grouped by seed:
+    seeds, then questions within), the sign-flip p-value, its Holm adjustment over all the rows (one
+    family, `stats.holm_verdicts`) and the verdict (`VERDICT_NAMES`: "brings back" when the model
+    without the attack is lower, "leaks less after the attack" when it is higher, "changes nothing"
+    when every cell is the same; "brings back" or "leaks less" only where the Holm-adjusted p-value is
+    below 0.05 too, else "inconclusive")."""
     verdicts = paired_verdicts(cells, compare="attack", reference=NO_ATTACK, within=["model"], metrics=metrics,
                                reference_role="variant", sort_cells=True)
     return pd.DataFrame({"model": verdicts["model"], "attack": verdicts["attack"], "metric": verdicts["metric"],
                          "difference": 0.0 - verdicts["mean_difference"], "difference_low": 0.0 - verdicts["high"],
                          "difference_high": 0.0 - verdicts["low"], "p_value": verdicts["p_value"],
-                         "cells": verdicts["cells"], "verdict": verdicts["verdict"].map(VERDICT_NAMES)})
+                         "p_value_holm": verdicts["p_value_holm"], "cells": verdicts["cells"],
+                         "verdict": verdicts["verdict"].map(VERDICT_NAMES)})

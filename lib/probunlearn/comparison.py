@@ -9,7 +9,8 @@ over seeds, with intervals and paired verdicts (SPEC §2, §6.2; notebook 04).
   reading of adaptive temperature (`temperature.evaluate_adaptive`), for `stats`;
 - `variant_table(cells)`: per method, condition and variant, the means with 95 % intervals;
 - `verdict_table(cells)`: each variant against its method's baseline on the same (seed, question)
-  cells of forget M_bin: "lower", "not lower" or "inconclusive" (`stats.paired_verdict`).
+  cells of forget M_bin: "lower", "higher", "inconclusive" or "no difference" (`stats.paired_verdict`:
+  interval grouped by seed, sign-flip p-value, Holm over the table).
 
 Variants (the rows of the headline): the base method (`baseline`), with adaptive temperature in
 each reading (`+ AT (entropy)`, `+ AT (confidence)`), with entropy optimisation (`+ entropy`), and
@@ -90,8 +91,8 @@ def reading_cells(evaluated: Mapping, *, mbin_threshold: float = 0.1) -> pd.Data
 def variant_table(cells: pd.DataFrame, metrics: Sequence[str] = ("m_bin", "greedy_rouge_l", "mean_rouge_l", "ed",
                                                                   "leak_rate", "distinct_2", "fire_rate")) -> pd.DataFrame:
     """Per (condition, method, variant): every metric on the forget split (`forget_<metric>`, with
-    `_low` / `_high`: its 95 % interval over (seed, question) cells) and on the retain split
-    (`retain_<metric>`), and `seeds`. `cells` has the columns of `reading_cells` plus `condition`,
+    `_low` / `_high`: its 95 % interval over (seed, question) cells, grouped by seed) and on the
+    retain split (`retain_<metric>`), and `seeds`. `cells` has the columns of `reading_cells` plus `condition`,
     `method`, `variant` and `seed`."""
     summary = summarise_cells(cells, by=["condition", "method", "variant", "split"], metrics=list(metrics))
     frames = []
@@ -118,18 +119,25 @@ def mixing_lambdas(cells: pd.DataFrame) -> pd.DataFrame:
 def verdict_table(cells: pd.DataFrame, metric: str = "m_bin", baseline: str = "baseline") -> pd.DataFrame:
     """Each variant of each (condition, method) against its `baseline` on the same (seed, question)
     cells of the forget split: the paired mean difference of `metric` (variant − baseline), its 95 %
-    interval, the Wilcoxon p-value and the verdict ("lower": the variant leaks less)."""
+    interval (grouped by seed: seeds, then questions within), the sign-flip p-value, its Holm
+    adjustment over the whole table (`p_value_holm`: the table is one family) and the verdict
+    (`stats.VERDICTS`; "lower": the variant leaks less; "no difference": it changed no cell), with
+    `excludes_lower_by` and `reading` (`stats.paired_verdict`)."""
     verdicts = paired_verdicts(cells[cells["split"] == "forget"], compare="variant", reference=baseline,
                                within=["condition", "method"], metrics=[metric])
     return verdicts.assign(metric=f"forget_{metric}")
 
 
-def method_verdicts(cells: pd.DataFrame, baseline: str = "ga", metric: str = "rouge_l_recall") -> pd.DataFrame:
+def method_verdicts(cells: pd.DataFrame, baseline: str = "ga", metric: str = "rouge_l_recall_distance") -> pd.DataFrame:
     """Notebook 03's comparison as paired tests: per variant (uncontrolled, early stopped, mixed),
     every method against `baseline` on the same (seed, question) cells of the forget split (the
     long table of `control.variant_cells`). The paired mean difference of `metric` (method −
-    baseline), its 95 % interval, the Wilcoxon p-value and the verdict ("lower": the method leaves
-    less of the forget answers than the baseline does)."""
+    baseline), its 95 % interval (grouped by seed), the sign-flip p-value, its Holm adjustment over
+    the whole table (`p_value_holm`: one family) and the verdict (`stats.VERDICTS`), with
+    `excludes_lower_by` and `reading` (`stats.paired_verdict`). The default metric is the distance of
+    forget ROUGE-L to the retain model's on the same question (`evaluation.retain_distance`, SPEC §4):
+    "lower" means the method ends closer to a model that never saw the facts; with the raw
+    `rouge_l_recall`, "lower" would also reward damage below the retain model."""
     forget = cells[cells["split"] == "forget"]
     if baseline not in set(forget["method"]):
         raise ValueError(f"baseline method {baseline!r} is not among {sorted(set(forget['method']))}")

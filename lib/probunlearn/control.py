@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from probunlearn.evaluation import PER_QUESTION, metric_scorer, trace_metrics
+from probunlearn.evaluation import metric_scorer, question_cells, trace_metrics
 from probunlearn.unlearning import UnlearningRun, load_adapter_state, unlearn
 from probunlearn.utils import renamed_arguments
 
@@ -170,20 +170,45 @@ def controlled_variants(model, run: UnlearningRun, *, bar: float, score: Callabl
 def variant_cells(variants: Mapping, metrics: Sequence[str] = ("rouge_l_recall", "keyword_hit")):
     """One row per (seed, method, variant, split, question) from {(seed, method): controlled_variants(...)}
     whose evaluations carry per-question lists (`trace_metrics(..., per_question=True)`): the cells
-    that `stats.mean_interval` and `stats.paired_verdict` work on."""
+    that `stats.mean_interval` and `stats.paired_verdict` work on (`evaluation.question_cells` per
+    model; `evaluation.retain_distance` adds each cell's distance to the retain model)."""
     import pandas as pd
 
-    rows = []
-    for (seed, method), by_variant in variants.items():
-        for variant, chosen in by_variant.items():
-            evaluation = chosen["evaluation"]
-            splits = sorted({k.split("_")[0] for k in evaluation if k.endswith(PER_QUESTION)})
-            for split in splits:
-                values = {m: evaluation[f"{split}_{m}{PER_QUESTION}"] for m in metrics}
-                for question in range(len(values[metrics[0]])):
-                    rows.append({"seed": seed, "method": method, "variant": variant, "split": split,
-                                 "question": question, **{m: values[m][question] for m in metrics}})
-    return pd.DataFrame(rows)
+    frames = [question_cells(chosen["evaluation"], metrics).assign(seed=seed, method=method, variant=variant)
+              for (seed, method), by_variant in variants.items() for variant, chosen in by_variant.items()]
+    return pd.concat(frames, ignore_index=True)[["seed", "method", "variant", "split", "question", *metrics]]
+
+
+def rank_methods(summary, *, variants: Sequence[str] = ("mixed", "early stopped", "uncontrolled"),
+                 distance: str = "forget_rouge_l_recall_distance", score: str = "forget_rouge_l_recall"):
+    """The methods ranked per variant of a summary table (one row per (method, variant), with
+    `distance` and `score` and their `_low` / `_high` intervals, e.g. `evaluation.summarise_splits`):
+    by the mean `distance` to the retain model (SPEC §4: smallest = closest to never having seen the
+    forget facts), and beside it the old reading, lowest `score` first, which rewards a model damaged
+    below the retain model. [P2]: compare at matched utility (the controlled variants first); the
+    uncontrolled ranking shows what a comparison without control would say. Columns: variant, rank,
+    method, `distance` (+ `_low`, `_high`), `method_by_lowest_<score>`, `score` (+ interval)."""
+    import pandas as pd
+
+    for column in (distance, score):
+        missing = [c for c in (column, f"{column}_low", f"{column}_high") if c not in summary]
+        if missing:
+            raise KeyError(f"the summary has no {', '.join(missing)}: summarise the cells with "
+                           "evaluation.retain_distance's columns (evaluation.summarise_splits)")
+    frames = []
+    for variant in variants:
+        rows = summary[summary["variant"] == variant]
+        if rows.empty:
+            continue
+        closest = rows.sort_values(distance, kind="stable")[["method", distance, f"{distance}_low", f"{distance}_high"]]
+        lowest = rows.sort_values(score, kind="stable")[["method", score, f"{score}_low", f"{score}_high"]]
+        lowest = lowest.rename(columns={"method": f"method_by_lowest_{score}"})
+        frames.append(pd.concat([closest.reset_index(drop=True), lowest.reset_index(drop=True)], axis=1)
+                      .assign(variant=variant, rank=range(1, len(rows) + 1)))
+    if not frames:
+        raise ValueError(f"the summary has none of the variants {variants}; it has {sorted(set(summary['variant']))}")
+    ranking = pd.concat(frames, ignore_index=True)
+    return ranking[["variant", "rank", *[c for c in ranking.columns if c not in ("variant", "rank")]]]
 
 
 def unlearn_with_control(model, tokenizer, forget_set, retain_set, *, method: str, eval_sets: Mapping,

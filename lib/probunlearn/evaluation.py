@@ -212,14 +212,16 @@ def metric_scorer(tokenizer, eval_sets: Mapping, metric: str, *, max_new_tokens:
 
 
 def forget_truth_ratios(model, tokenizer, forget_set, *, batch_size: int = 32) -> np.ndarray:
-    """Truth ratios R of `model` on the forget set (SPEC §4), the input of Forget Quality."""
+    """Truth ratios R of `model` on the forget set (SPEC §4), the input of Forget Quality. Pass every
+    forget question (SPEC §4: Forget Quality uses all of them; a KS p-value on 8 questions takes only
+    a handful of values)."""
     table = nll_tables(model, tokenizer, {"forget": forget_set}, fields=("paraphrased", "perturbed"),
                        batch_size=batch_size)["forget"]
     return truth_ratio(table["paraphrased_nll"], table["perturbed_nll"])
 
 
 def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratios, max_new_tokens: int = 48,
-                        batch_size: int = 32) -> dict:
+                        batch_size: int = 32, forget_quality_set=None) -> dict:
     """One row of the comparison table (SPEC §4) for a model, from `splits` with `forget`,
     `retain` and `utility`:
 
@@ -228,17 +230,20 @@ def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratio
     - `forget_/retain_extraction_strength` and `_exact_memorization` (`likelihood_metrics`);
     - `forget_truth_ratio` (mean min(R, 1/R)) and `forget_quality`: KS p-value against
       `retain_truth_ratios` (the retain model's truth ratios on the same forget questions,
-      `forget_truth_ratios`);
+      `forget_truth_ratios`), both on `forget_quality_set` when given (SPEC §4: every forget
+      question; its likelihoods go through the model in the same pass), else on `splits["forget"]`;
+      `forget_quality_questions`: how many questions they use;
     - `model_utility`: harmonic mean of Prob, ROUGE-L and truth-ratio score on retain and on the
       utility set (our real-world set: normalised Prob, the true answer as paraphrase), plus the
       six components as `mu_<split>_<metric>`.
 
     Every question of each split is answered greedily and scored on 5 (4 on utility) answers:
-    cap the splits (`evaluation.cap`) to fit a CPU budget.
+    cap the splits (`evaluation.cap`) to fit a CPU budget; `forget_quality_set` is only scored.
     """
     splits = {name: splits[name] for name in ("forget", "retain", "utility")}
     row = {}
-    data = nll_tables(model, tokenizer, splits, fields=("answer", "paraphrased", "perturbed"), batch_size=batch_size)
+    scored = splits if forget_quality_set is None else {**splits, "forget_quality": forget_quality_set}
+    data = nll_tables(model, tokenizer, scored, fields=("answer", "paraphrased", "perturbed"), batch_size=batch_size)
     for name, table in greedy_tables(model, tokenizer, splits, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size).items():
         row |= split_summary(name, table)
@@ -246,12 +251,15 @@ def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratio
     utility = data["utility"]
     row["utility_accuracy"] = float(np.mean([true < wrong.min() for true, wrong
                                              in zip(utility["answer_nll"], utility["perturbed_nll"])]))
-    ratios = truth_ratio(data["forget"]["paraphrased_nll"], data["forget"]["perturbed_nll"])
+    quality = data["forget" if forget_quality_set is None else "forget_quality"]
+    ratios = truth_ratio(quality["paraphrased_nll"], quality["perturbed_nll"])
     if len(ratios) != len(retain_truth_ratios):
-        raise ValueError(f"{len(ratios)} forget questions evaluated but {len(retain_truth_ratios)} retain-model "
-                         "truth ratios: compute them with forget_truth_ratios on the same (capped) forget set")
+        raise ValueError(f"{len(ratios)} forget questions scored for Forget Quality but {len(retain_truth_ratios)} "
+                         "retain-model truth ratios: compute them with forget_truth_ratios on the same forget "
+                         "questions (pass that set as forget_quality_set)")
     row["forget_truth_ratio"] = truth_ratio_score(ratios, "forget")
     row["forget_quality"] = forget_quality(ratios, retain_truth_ratios)
+    row["forget_quality_questions"] = len(ratios)
     row["forget_nll"] = float(np.mean(data["forget"]["answer_nll"]))
     row["retain_nll"] = float(np.mean(data["retain"]["answer_nll"]))
     for name in ("forget", "retain"):
@@ -265,3 +273,66 @@ def evaluate_unlearning(model, tokenizer, splits: Mapping, *, retain_truth_ratio
     return {**row, **components}
 
 
+# ----------------------------------------------------------------------------- distance to the retain model
+# SPEC §4, "Reading forget scores": the ideal unlearned model is the retain model, which never saw the
+# forget facts and still scores above zero on template-shared metrics (ROUGE-L ≈ 0.6 on generated
+# data). A forget score is read against the retain model's, question by question; below it is damage.
+
+
+def question_cells(evaluation: Mapping, metrics: Sequence[str]) -> pd.DataFrame:
+    """One row per (split, question) of a trace row with per-question lists (`trace_metrics(...,
+    per_question=True)`): columns `split`, `question` and `metrics`. The cells of one model, e.g. the
+    retain model's for `retain_distance`; `control.variant_cells` adds seed, method and variant."""
+    splits = sorted({k.split("_")[0] for k in evaluation if k.endswith(PER_QUESTION)})
+    if not splits:
+        raise ValueError("the evaluation has no per-question lists: compute it with trace_metrics(..., per_question=True)")
+    frames = []
+    for split in splits:
+        missing = [m for m in metrics if f"{split}_{m}{PER_QUESTION}" not in evaluation]
+        if missing:
+            raise KeyError(f"the evaluation has no per-question {', '.join(missing)} on {split}; "
+                           f"trace_metrics(..., nll=True, per_question=True) gives all of them")
+        values = {m: evaluation[f"{split}_{m}{PER_QUESTION}"] for m in metrics}
+        frames.append(pd.DataFrame({"split": split, "question": range(len(values[metrics[0]])), **values}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def retain_distance(cells: pd.DataFrame, retain, metrics: Sequence[str], *,
+                    on: Sequence[str] = ("split", "question")) -> pd.DataFrame:
+    """`cells` with, for each metric m, `m_vs_retain` (the value minus the retain model's on the same
+    cell: below 0 is damage, not forgetting) and `m_distance` (its absolute value: 0 = what a model that
+    never saw the forget facts scores). `retain`: the retain model's cells (a DataFrame with the `on`
+    columns and `metrics`, e.g. `question_cells` of its trace row), or one value per metric (a mapping,
+    e.g. its MIA AUC; `on` is then ignored). Every cell must have a retain value."""
+    out = cells.copy()
+    if isinstance(retain, Mapping):
+        reference = pd.DataFrame({m: [float(retain[m])] * len(out) for m in metrics}, index=out.index)
+    else:
+        if retain.duplicated(list(on)).any():
+            raise ValueError(f"the retain model's cells repeat some {tuple(on)}: pass one row per cell")
+        keys = pd.MultiIndex.from_frame(out[list(on)])
+        reference = retain.set_index(list(on))[list(metrics)].reindex(keys)
+        reference.index = out.index
+        if reference.isna().any().any():
+            absent = out.loc[reference.isna().any(axis=1), list(on)].drop_duplicates().head(3).to_dict("records")
+            raise ValueError(f"the retain model has no value on some cells, e.g. {absent}: evaluate it on the same "
+                             "questions (the same eval_sets)")
+    for m in metrics:
+        out[f"{m}_vs_retain"] = out[m] - reference[m]
+        out[f"{m}_distance"] = out[f"{m}_vs_retain"].abs()
+    return out
+
+
+def summarise_splits(cells: pd.DataFrame, metrics: Sequence[str], *, by: Sequence[str] = ("method", "variant")):
+    """`stats.summarise_cells` of a long table of cells (with `split` and `seed` columns) per group of
+    `by`, one row per group with `<split>_<metric>`, `<split>_<metric>_low`, `<split>_<metric>_high`
+    (means over (seed, question) cells and their 95 % intervals) and `seeds` (notebook 03's tables)."""
+    from probunlearn.stats import summarise_cells
+
+    summary = summarise_cells(cells, by=[*by, "split"], metrics=list(metrics))
+    values = [f"{m}{suffix}" for m in metrics for suffix in ("", "_low", "_high")]
+    wide = summary.pivot_table(index=list(by), columns="split", values=values, sort=False)
+    wide.columns = [f"{split}_{metric}" for metric, split in wide.columns]
+    order = [f"{split}_{v}" for split in summary["split"].unique() for v in values]
+    seeds = summary.groupby(list(by), sort=False)["seeds"].max()
+    return wide[order].join(seeds).reset_index()

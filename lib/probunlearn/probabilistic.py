@@ -17,7 +17,7 @@ from scipy import stats
 
 from probunlearn import bounds
 from probunlearn.metrics import distinct_n, is_leak, rouge_l_recall
-from probunlearn.sampling import greedy_and_sampled_answers
+from probunlearn.sampling import greedy_and_sampled_answers, sample_answers
 from probunlearn.utils import load_json, renamed_arguments, save_json
 
 __all__ = [
@@ -28,6 +28,11 @@ __all__ = [
     "score_samples",
     "summarise",
     "question_cells",
+    "claim_table",
+    "fact_table",
+    "greedy_agreement",
+    "claim_verdicts",
+    "extra_samples",
     "bounds_vs_n",
     "coverage_distributions",
     "coverage_simulation",
@@ -79,8 +84,9 @@ def question_bounds(scores, leaks, *, alpha: float = bounds.ALPHA,
 def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_samples: int, max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5,
                    ed_weight: float = bounds.ED_WEIGHT, seed: int = 0, batch_size: int | None = None,
-                   logits_processors=None, progress: bool = True,
-                   step_observer=None) -> dict[str, tuple[pd.DataFrame, dict]]:
+                   logits_processors=None, progress: bool = True, step_observer=None,
+                   clean_samples: int | None = None,
+                   adaptive_splits: Sequence[str] = ("forget",)) -> dict[str, tuple[pd.DataFrame, dict]]:
     """Greedy and sampled evaluation of one model on several splits (SPEC §5): split name ->
     `(table, raw)`. The greedy answer and the n samples of every question of every split are
     decoded in one pass (`sampling.greedy_and_sampled_answers`).
@@ -92,6 +98,12 @@ def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_sample
     recall >= leak_tau for records without keywords), and the `samples` themselves.
     `logits_processors` and `step_observer` go to the sampler (question indices run over the splits
     in order).
+
+    `clean_samples` (> num_samples): the questions of `adaptive_splits` whose greedy answer does not
+    leak get `clean_samples` samples in all (`extra_samples`), the others keep `num_samples`. The greedy
+    answer does not depend on the sampling randomness, so a number of samples chosen from it keeps every
+    per-question bound valid; it spends samples where a bound can show forgetting (zero leaks give M_bin
+    1 − α^(1/n): 0.25 at n = 16, 0.07 at n = 64, α = 0.01) and where [P1]'s claim lives (greedy clean).
     """
     questions = [q for dataset in splits.values() for q in dataset["question"]]
     greedy, samples = greedy_and_sampled_answers(
@@ -101,10 +113,44 @@ def evaluate_model(model, tokenizer, splits: Mapping[str, object], *, num_sample
     results, start = {}, 0
     for name, dataset in splits.items():
         end = start + len(dataset)
-        results[name] = score_samples(dataset, greedy[start:end], samples[start:end], alpha=alpha, leak_tau=leak_tau,
+        answers = samples[start:end]
+        if clean_samples is not None and name in adaptive_splits:
+            keywords = list(dataset["keywords"]) if "keywords" in dataset.column_names else [[]] * len(dataset)
+            clean = [i for i, (g, a, k) in enumerate(zip(greedy[start:end], dataset["answer"], keywords))
+                     if not is_leak(g, a, k, leak_tau)]
+            answers = extra_samples(model, tokenizer, dataset, answers, clean, total=clean_samples,
+                                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                    batch_size=batch_size, logits_processors=logits_processors, progress=progress)
+        results[name] = score_samples(dataset, greedy[start:end], answers, alpha=alpha, leak_tau=leak_tau,
                                       ed_weight=ed_weight)
         start = end
     return results
+
+
+# Sampling seed of the extra samples of `extra_samples`: far from the seeds of the first ones, so the
+# two sets are independent draws with any engine (ours draws answer j of a question from (seed, question, j)).
+EXTRA_SEED_OFFSET = 1_000_003
+
+
+def extra_samples(model, tokenizer, dataset, samples: list[list[str]], questions: Sequence[int], *, total: int,
+                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                  batch_size: int | None = None, logits_processors=None, progress: bool = True) -> list[list[str]]:
+    """`samples` (answers per question of `dataset`) with the questions at the indices `questions`
+    topped up to `total` answers each, drawn in one batched pass with the seed `seed +
+    EXTRA_SEED_OFFSET`, independent of the first ones. Returns a new list; the others are unchanged."""
+    samples = [list(row) for row in samples]
+    have = {len(samples[i]) for i in questions}
+    if not questions or total <= min(have):
+        return samples
+    if len(have) != 1:
+        raise ValueError(f"questions to top up must have the same number of samples, got {sorted(have)}")
+    more = sample_answers(model, tokenizer, [dataset[int(i)]["question"] for i in questions],
+                          num_samples=total - have.pop(), temperature=temperature, top_p=top_p,
+                          max_new_tokens=max_new_tokens, seed=seed + EXTRA_SEED_OFFSET, batch_size=batch_size,
+                          logits_processors=logits_processors, progress=progress)
+    for i, answers in zip(questions, more):
+        samples[i].extend(answers)
+    return samples
 
 
 def evaluate_split(model, tokenizer, dataset, **kwargs) -> tuple[pd.DataFrame, dict]:
@@ -116,12 +162,15 @@ def evaluate_split(model, tokenizer, dataset, **kwargs) -> tuple[pd.DataFrame, d
 def score_samples(dataset, greedy: list[str], samples: list[list[str]], *, alpha: float = bounds.ALPHA,
                   leak_tau: float = 0.5, ed_weight: float = bounds.ED_WEIGHT) -> tuple[pd.DataFrame, dict]:
     """`(table, raw)` of `evaluate_model` for one split from answers already decoded: `greedy[i]`
-    and `samples[i][j]` answer question i of `dataset`."""
+    and `samples[i][j]` answer question i of `dataset`. Questions may have different numbers of
+    samples (`extra_samples`): the table's bounds and counts use all of a question's samples (column
+    `n`), while raw `scores` and `leaks` hold the first samples every question has (a common prefix,
+    for leak@k and the bounds against n) and `more_scores` / `more_leaks` the rest, per question.
+    The record's `fact` (its fact type) is copied when the data set has it."""
     questions, answers = list(dataset["question"]), list(dataset["answer"])
     keywords = list(dataset["keywords"]) if "keywords" in dataset.column_names else [[] for _ in questions]
-    scores = np.array([[rouge_l_recall(s, a) for s in row] for row, a in zip(samples, answers)], dtype=float)
-    leaks = np.array([[is_leak(s, a, k, leak_tau) for s in row] for row, a, k in zip(samples, answers, keywords)],
-                     dtype=bool)
+    scores = [np.array([rouge_l_recall(s, a) for s in row], dtype=float) for row, a in zip(samples, answers)]
+    leaks = [np.array([is_leak(s, a, k, leak_tau) for s in row], dtype=bool) for row, a, k in zip(samples, answers, keywords)]
     table = pd.DataFrame({
         "question": questions,
         "answer": answers,
@@ -129,9 +178,24 @@ def score_samples(dataset, greedy: list[str], samples: list[list[str]], *, alpha
         "greedy_rouge_l": [rouge_l_recall(g, a) for g, a in zip(greedy, answers)],
         "greedy_leak": [float(is_leak(g, a, k, leak_tau)) for g, a, k in zip(greedy, answers, keywords)],
     })
-    table = pd.concat([table, question_bounds(scores, leaks, alpha=alpha, ed_weight=ed_weight)], axis=1)
+    if "fact" in dataset.column_names:
+        table["fact"] = list(dataset["fact"])
+    sizes = np.array([len(row) for row in samples])
+    parts = []  # the bounds of the questions of each sample size, back in question order
+    for size in np.unique(sizes):
+        index = np.flatnonzero(sizes == size)
+        part = question_bounds(np.stack([scores[i] for i in index]), np.stack([leaks[i] for i in index]),
+                               alpha=alpha, ed_weight=ed_weight)
+        parts.append(part.set_axis(index))
+    if parts:
+        table = pd.concat([table, pd.concat(parts).sort_index()], axis=1)
+    table["n"] = sizes
     table["distinct_2"] = [distinct_n(row, 2) for row in samples]
-    return table, {"scores": scores, "leaks": leaks, "samples": samples}
+    first = int(sizes.min()) if len(sizes) else 0  # a common prefix: the first samples of every question
+    return table, {"scores": np.array([s[:first] for s in scores]).reshape(len(samples), first),
+                   "leaks": np.array([l[:first] for l in leaks]).reshape(len(samples), first),
+                   "samples": samples, "more_scores": [s[first:].tolist() for s in scores],
+                   "more_leaks": [l[first:].astype(int).tolist() for l in leaks]}
 
 
 def summarise(table: pd.DataFrame, leaks, *, mbin_threshold: float = 0.1,
@@ -162,14 +226,109 @@ def summarise(table: pd.DataFrame, leaks, *, mbin_threshold: float = 0.1,
 
 def question_cells(table: pd.DataFrame, *, mbin_threshold: float = 0.1) -> pd.DataFrame:
     """The per-question numbers of a `score_samples` table as statistics cells (`stats`): `question`
-    (its index), the scores and bounds, `leaks_within_n` (1 if any of the n samples leaks) and
-    `m_bin_above` (1 if M_bin exceeds `mbin_threshold`)."""
-    cells = table[["greedy_rouge_l", "greedy_leak", "mean_rouge_l", "max_rouge_l", "leak_rate", "m_bin", "m_mu",
-                   "m_sigma", "ed", "distinct_2"]].copy()
+    (its index), the scores and bounds, `n` (the question's samples), `leaks_within_n` (1 if any of
+    them leaks), `m_bin_above` (1 if M_bin exceeds `mbin_threshold`) and, where the table has it,
+    `fact` (the fact type). `leak_rate` is the share of leaking samples: the chance that one sampled
+    answer leaks."""
+    columns = ["greedy_rouge_l", "greedy_leak", "mean_rouge_l", "max_rouge_l", "leak_rate", "m_bin", "m_mu",
+               "m_sigma", "ed", "distinct_2", *[c for c in ("n", "fact") if c in table.columns]]
+    cells = table[columns].copy()
     cells.insert(0, "question", np.arange(len(table)))
     cells["leaks_within_n"] = (table["leaks"] > 0).astype(float)
     cells["m_bin_above"] = (table["m_bin"] > mbin_threshold).astype(float)
     return cells
+
+
+def claim_table(cells: pd.DataFrame, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """[P1]'s first claim per model, from the forget-split cells of notebook 05 (`question_cells` plus
+    `model`, `seed`; one row per (model, seed, question)): the share of questions whose greedy answer
+    leaks (`greedy_leak`), that leak in at least one of their n samples (`leaks_within_n`), the chance
+    that one sampled answer leaks (`leak_rate`), and the number the claim is about,
+    `leak_given_clean`: of the questions whose greedy answer does not leak, the share that leak within
+    n (`clean_cells` of them). Each with a 95 % interval grouped by seed (`stats.mean_interval`:
+    seeds, then questions within a seed), plus `seeds`, `questions` and the sample counts used
+    (`n_clean`, `n_leaking`: the n of greedily clean and leaking questions)."""
+    from probunlearn.stats import mean_interval
+
+    rows = []
+    for name in models if models is not None else list(dict.fromkeys(cells["model"])):
+        part = cells[cells["model"] == name]
+        if part.empty:
+            continue
+        clean = part[part["greedy_leak"] == 0]
+        row = {"model": name, "seeds": int(part["seed"].nunique()), "questions": int(part["question"].nunique())}
+        for column, frame in (("greedy_leak", part), ("leaks_within_n", part), ("leak_rate", part),
+                              ("leak_given_clean", clean)):
+            values = frame["leaks_within_n" if column == "leak_given_clean" else column]
+            interval = mean_interval(values, groups=frame["seed"]) if len(frame) else {"mean": np.nan, "low": np.nan, "high": np.nan}
+            row |= {column: interval["mean"], f"{column}_low": interval["low"], f"{column}_high": interval["high"]}
+        n = part.get("n", pd.Series(np.nan, index=part.index))
+        row |= {"clean_cells": int(len(clean)), "n_clean": _one_or_range(n[part["greedy_leak"] == 0]),
+                "n_leaking": _one_or_range(n[part["greedy_leak"] > 0])}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def claim_verdicts(cells: pd.DataFrame, reference: str = "retain") -> pd.DataFrame:
+    """Sampling against guessing, per model of notebook 05's forget cells (`model`, `seed`,
+    `question`, `greedy_leak`, `leak_rate`): on the questions whose greedy answer is clean, does one
+    sampled answer of the model leak more often than one of the `reference` model (the retain model,
+    which never saw the facts) on the same questions? The leak rate is an unbiased estimate whatever
+    n was, so the two compare although their n differ. `stats.paired_verdict` with the reference as
+    baseline ("higher": the model leaks more than the reference), grouped by seed, then Holm over the
+    models (`stats.holm_verdicts`). One row per model with clean questions, `clean_cells` beside."""
+    from probunlearn.stats import holm_verdicts, paired_verdict
+
+    if reference not in set(cells["model"]):
+        return pd.DataFrame(columns=["model", "clean_cells", "verdict", "p_value_holm"])
+    baseline = cells[cells["model"] == reference].drop_duplicates("question").set_index("question")["leak_rate"]
+    rows = []
+    for name in dict.fromkeys(cells["model"]):
+        clean = cells[(cells["model"] == name) & (cells["greedy_leak"] == 0)]
+        if name == reference or clean.empty:
+            continue
+        verdict = paired_verdict(baseline.loc[clean["question"]].to_numpy(), clean["leak_rate"].to_numpy(),
+                                 groups=clean["seed"].to_numpy())
+        rows.append({"model": name, "reference": reference, "clean_cells": len(clean), **verdict})
+    return holm_verdicts(pd.DataFrame(rows)) if rows else pd.DataFrame(columns=["model", "clean_cells", "verdict"])
+
+
+def greedy_agreement(cells: pd.DataFrame, unlearning_cells: pd.DataFrame, *, forget_size: int) -> pd.DataFrame:
+    """Notebook 03's greedy answers against notebook 05's, for each unlearned model and seed in both:
+    per forget question that 03 evaluated (its `spread_subset` of the `forget_size` questions 05
+    answers), 03's keyword hit and 05's greedy leak, and `agree` (1 when both say the same). `cells`:
+    05's forget cells (`model`, `seed`, `question`, `greedy_leak`); `unlearning_cells`: 03's
+    (`method`, `variant`, `seed`, `split`, `question`, `keyword_hit`)."""
+    from probunlearn.results import model_name
+
+    theirs = unlearning_cells[unlearning_cells["split"] == "forget"].copy()
+    if theirs.empty:
+        return pd.DataFrame(columns=["model", "seed", "question", "keyword_hit", "greedy_leak", "agree"])
+    subset = np.unique(np.linspace(0, forget_size - 1, theirs["question"].nunique()).round().astype(int))
+    theirs["model"] = [model_name(m, v) for m, v in zip(theirs["method"], theirs["variant"])]
+    theirs["question"] = subset[theirs["question"].to_numpy()]
+    merged = theirs[["model", "seed", "question", "keyword_hit"]].merge(
+        cells[["model", "seed", "question", "greedy_leak"]], on=["model", "seed", "question"])
+    merged["agree"] = ((merged["keyword_hit"] > 0) == (merged["greedy_leak"] > 0)).astype(float)
+    return merged
+
+
+def _one_or_range(values: pd.Series) -> str:
+    values = sorted({int(v) for v in values.dropna()})
+    return "" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def fact_table(cells: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """Leaks by fact type (the generated data's `fact` of each forget question) for the `models`
+    pooled: per fact type the questions, the share leaking greedily, within n, and of the greedily
+    clean ones within n. Read it beside the same table of the retain model: it never saw the facts,
+    so what it "leaks" is guessed (years, jobs from a short list)."""
+    part = cells[cells["model"].isin(models)]
+    grouped = part.groupby("fact")
+    table = pd.DataFrame({"cells": grouped.size(), "greedy_leak": grouped["greedy_leak"].mean(),
+                          "leaks_within_n": grouped["leaks_within_n"].mean(), "leak_rate": grouped["leak_rate"].mean(),
+                          "leak_given_clean": part[part["greedy_leak"] == 0].groupby("fact")["leaks_within_n"].mean()})
+    return table.reset_index()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +433,8 @@ def save_split_results(folder: str | Path, model_name: str, split: str, table: p
     path.mkdir(parents=True, exist_ok=True)
     table.to_csv(path / f"{split}.csv", index=False)
     save_json({"samples": raw["samples"], "scores": np.asarray(raw["scores"]).round(6).tolist(),
-               "leaks": np.asarray(raw["leaks"]).astype(int).tolist()}, path / f"{split}_samples.json")
+               "leaks": np.asarray(raw["leaks"]).astype(int).tolist(),
+               **{key: raw[key] for key in ("more_scores", "more_leaks") if key in raw}}, path / f"{split}_samples.json")
     return path
 
 

@@ -27,6 +27,7 @@ ARTEFACTS = {
     "mixing_calibration": "unlearning/calibration.csv",
     "unlearning_privacy": "unlearning/privacy.csv",
     "matched_utility": "unlearning/matched_utility.csv",
+    "retain_distance_ranking": "unlearning/ranking.csv",
     # 04 entropy optimisation and adaptive temperature
     "entropy_summary": "entropy/summary.json",
     "entropy_headline": "entropy/headline.csv",
@@ -37,6 +38,9 @@ ARTEFACTS = {
     "probabilistic_summary": "probabilistic/summary.json",
     "probabilistic_cells": "probabilistic/cells.csv",
     "probabilistic_overview": "probabilistic/overview.csv",
+    "probabilistic_claim": "probabilistic/claim.csv",
+    "probabilistic_claim_verdicts": "probabilistic/claim_verdicts.csv",
+    "probabilistic_facts": "probabilistic/facts.csv",
     "bounds_vs_n": "probabilistic/bounds_vs_n.csv",
     "leak_at_k": "probabilistic/leak_at_k.csv",
     "bound_coverage": "probabilistic/coverage.csv",
@@ -47,10 +51,11 @@ ARTEFACTS = {
     "attack_weights": "attacks/weights.csv",
     "attack_table": "attacks/table.csv",
 }
-MARKDOWN_TOO = ("matched_utility", "entropy_headline", "attack_table")
+MARKDOWN_TOO = ("matched_utility", "retain_distance_ranking", "entropy_headline", "attack_table", "probabilistic_claim")
 
-# The models of notebook 02 that `list_models` lists first, in this order.
-FIRST_MODELS = ("base", "target", "retain")
+# The models of notebook 02 that `list_models` lists first, in this order (`target_partial`: the
+# partial-knowledge control, the target's recipe for fewer epochs).
+FIRST_MODELS = ("base", "target", "retain", "target_partial")
 
 # How notebook 03 names the model of each control (SPEC §3): `<method><suffix>`, e.g. ga_es, npo_mix.
 CONTROL_SUFFIX = {"uncontrolled": "", "early stopped": "_es", "mixed": "_mix"}
@@ -130,3 +135,32 @@ def model_runs(results: str | os.PathLike, base_model: str, names: Sequence[str]
     runs = [(name, seed, path) for name, by_seed in models.items()
             for seed, path in (by_seed.items() if None not in by_seed else [(seeds[0], by_seed[None])])]
     return models, runs
+
+
+def model_identity(path: str | os.PathLike) -> tuple:
+    """What a saved model is, from the meta notebook 03 writes beside an unlearned adapter: `("target",)`
+    for a model equal to the target (unlearning step 0, or mixed at λ = 1), `(method, seed, step, λ)`
+    for an unlearned one (its early-stopped and mixed versions may be the same model, e.g. an early stop
+    at the last step with λ = 0), `("path", path)` for anything else (target, retain, a base model)."""
+    meta_path = Path(path) / META_FILE
+    meta = load_json(meta_path) if meta_path.exists() else {}
+    if not {"method", "seed", "step", "lambda"} <= meta.keys():
+        return ("path", str(path))
+    if meta["step"] == 0 or float(meta["lambda"]) == 1.0:
+        return ("target",)
+    return (meta["method"], int(meta["seed"]), int(meta["step"]), round(float(meta["lambda"]), 9))
+
+
+def same_models(runs: Sequence[tuple]) -> dict[tuple, tuple]:
+    """For the (name, seed, path) runs of `model_runs`: (name, seed) -> the (name, seed) of the first
+    run that is the same model (`model_identity`), for every run that repeats an earlier one; a model
+    equal to the target repeats the run of `target` when that is among the runs. Notebook 05 samples
+    each model once and copies its numbers to the names that repeat it."""
+    first, repeats = {}, {}
+    for name, seed, path in runs:
+        identity = ("target",) if name == "target" else model_identity(path)
+        if identity in first:
+            repeats[name, seed] = first[identity]
+        else:
+            first[identity] = (name, seed)
+    return repeats
