@@ -46,7 +46,7 @@ def test_05_evaluated_every_model_and_seed(smoke_run):
             # the bounds sit above what the samples show
             assert (table["m_bin"] >= table["leak_rate"] - TOL).all()
             assert (table["m_mu"] >= table["mean_rouge_l"] - TOL).all()
-            assert (table["m_sigma"] >= [s.std() for s in scores] - TOL).all()
+            assert (table["m_sigma"] >= np.array([s.std() for s in scores]) - TOL).all()
             assert (table["max_rouge_l"] >= table["mean_rouge_l"] - TOL).all()
             np.testing.assert_allclose(table["ed"], table["m_mu"] + PROFILE["ED_WEIGHT"] * table["m_sigma"])
             np.testing.assert_allclose(table["leak_rate"], [l.mean() for l in leaks])
