@@ -48,7 +48,12 @@ def spread_subset(dataset, limit: int | None):
         return dataset
     if limit < 1:
         raise ValueError(f"the question limit must be >= 1 (or None for all), got {limit}")
-    return dataset.select(np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
+    return dataset.select(spread_indices(len(dataset), limit).tolist())
+
+
+def spread_indices(size: int, limit: int) -> np.ndarray:
+    """The indices `spread_subset` keeps of `size` records when at most `limit` are wanted."""
+    return np.unique(np.linspace(0, size - 1, limit).round().astype(int))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ def greedy_agreement(cells: pd.DataFrame, unlearning_cells: pd.DataFrame, *, for
     theirs = unlearning_cells[unlearning_cells["split"] == "forget"].copy()
     if theirs.empty:
         return pd.DataFrame(columns=["model", "seed", "question", "keyword_hit", "greedy_leak", "agree"])
-    subset = np.unique(np.linspace(0, forget_size - 1, theirs["question"].nunique()).round().astype(int))
+    subset = spread_indices(forget_size, theirs["question"].nunique())
     theirs["model"] = [model_name(m, v) for m, v in zip(theirs["method"], theirs["variant"])]
     theirs["question"] = subset[theirs["question"].to_numpy()]
     merged = theirs[["model", "seed", "question", "keyword_hit"]].merge(
