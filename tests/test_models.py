@@ -128,6 +128,37 @@ def test_saved_adapter_on_a_local_base_is_found_by_relative_path(tmp_path):
     assert loaded.dtype == torch.float32
 
 
+def test_an_unlearned_model_loads_as_trained_and_a_fine_tuned_one_merged(tiny, tmp_path):
+    """An adapter on a saved adapter (an unlearned model on the target) stays beside the weights:
+    the loaded model computes exactly what the trained one did. Merged into bfloat16 weights, a
+    small update mostly rounds away."""
+    first = add_lora(load_model(tiny["path"], dtype=torch.bfloat16)[0], r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    save_adapter(first, tmp_path / "target", base=tiny["path"])
+    assert models.merges_by_default(tmp_path / "target")
+    target, _ = load_model(tmp_path / "target", dtype=torch.bfloat16)
+    assert not hasattr(target, "peft_config")  # fine-tuned: merged, the target every notebook reads
+    unlearned = add_lora(target, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, param in unlearned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1e-3)  # a small update, like a mixed model's
+    path = save_adapter(unlearned, tmp_path / "unlearned", base=tmp_path / "target")
+    assert not models.merges_by_default(path)
+    ids = torch.tensor([[5, 9, 13, 20, 31, 40]])
+    with torch.no_grad():
+        trained = unlearned(input_ids=ids).logits
+        loaded, _ = load_model(path, dtype=torch.bfloat16)
+        assert hasattr(loaded, "peft_config")
+        assert torch.equal(loaded(input_ids=ids).logits, trained)
+        merged, _ = load_model(path, dtype=torch.bfloat16, merge=True)
+        assert not hasattr(merged, "peft_config")
+        assert not torch.equal(merged(input_ids=ids).logits, trained)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="quantization"):
         load_model(quantization="8bit")

@@ -97,11 +97,31 @@ def test_same_seed_same_answers_whatever_the_batching(model, tokenizer):
     assert texts == [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows] for rows in reference]
 
 
-def test_greedy_and_sampled_in_one_pass_equal_separate_calls(model, tokenizer):
+def test_greedy_and_sampled_equal_separate_calls(model, tokenizer):
     kwargs = dict(num_samples=5, max_new_tokens=8, seed=2, temperature=0.9, top_p=0.9, progress=False)
     greedy, sampled = sampling.greedy_and_sampled_answers(model, tokenizer, QUESTIONS, batch_size=7, **kwargs)
     assert greedy == sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=8)
     assert sampled == sampling.sample_answers(model, tokenizer, QUESTIONS, **kwargs)
+
+
+def test_greedy_decodes_a_bfloat16_model_in_float32_and_leaves_it_as_it_was(tokenizer):
+    from probunlearn.models import full_precision
+
+    low = tiny_model(seed=3).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in low.state_dict().items()}
+    exact = tiny_model(seed=3).to(torch.bfloat16).float()  # the same weights, upcast
+    greedy = sampling.greedy_answers(low, tokenizer, QUESTIONS, max_new_tokens=10, progress=False)
+    assert greedy == sampling.greedy_answers(exact, tokenizer, QUESTIONS, max_new_tokens=10, progress=False)
+    for batch_size in (1, 3):  # whatever else shares the batch
+        assert sampling.greedy_answers(low, tokenizer, QUESTIONS, max_new_tokens=10, batch_size=batch_size,
+                                       progress=False) == greedy
+    with full_precision(low):
+        assert {p.dtype for p in low.parameters()} == {torch.float32}
+    after = low.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in before.items())
+    parameter = next(low.parameters())
+    with full_precision(low):  # the same Parameter objects (an optimiser holding them keeps working)
+        assert next(low.parameters()) is parameter
 
 
 def test_sample_rows_redraws_exactly_the_chosen_answers(model, tokenizer):

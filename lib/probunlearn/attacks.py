@@ -81,10 +81,12 @@ def attack_cells(runs, target_dir, measured, relearn_set, *, quantizations: Sequ
                  sampling: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Every model of `runs` without an attack and under each attack: `(cells, weights, seconds)`.
 
-    For each (name, seed, path): the model (an unlearned one as its adapter on a copy of the target,
-    merged), its quantised reloads (made first), then the model relearned (`relearned`, seeded with
-    the model's seed). Each is evaluated on `measured` with `evaluate_model(..., seed=seed,
-    **sampling)`; `cells` holds one row per (model, seed, attack, question) (`question_cells`).
+    For each (name, seed, path): the model (an unlearned one as trained: its adapter beside a copy
+    of the target's weights), its quantised reloads (made first) and the model relearned (`relearned`,
+    seeded with the model's seed); both attacks start from the adapter merged into a float32 copy,
+    so that they act on the whole update (the relearned model then runs in float32). Each is
+    evaluated on `measured` with `evaluate_model(..., seed=seed, **sampling)`; `cells` holds one row
+    per (model, seed, attack, question) (`question_cells`).
     `weights`: `weight_change` of each unlearned model (when "4bit" is among `quantizations`);
     `seconds`: wall time per model and seed. Prints one line per model."""
     attacks = [NO_ATTACK, RELEARNED, *quantizations]
@@ -96,25 +98,29 @@ def attack_cells(runs, target_dir, measured, relearn_set, *, quantizations: Sequ
     for name, seed, path in runs:
         tick = time.perf_counter()
         if name == "target":
-            model = copy.deepcopy(target)
-        elif on_target(path):  # an unlearned model: its adapter on a copy of the target, merged (no reload from disk)
-            model = merge_adapter(load_adapter(copy.deepcopy(target), path))
+            model = full = copy.deepcopy(target)
+        elif on_target(path):  # an unlearned model: its adapter on a copy of the target (no reload from disk)
+            model = load_adapter(copy.deepcopy(target), path).eval()  # as trained: the adapter beside the weights
+            # merged in float32, so the update is all there (merged into bfloat16 weights, most of a small
+            # update would round away: an attack of its own, before any attack)
+            full = merge_adapter(load_adapter(copy.deepcopy(target).float(), path))
         else:
             model, _ = load_model(path)
-        attacked = {NO_ATTACK: model, **quantized_copies(model, quantizations)}
+            full = model
+        attacked = {NO_ATTACK: model, **quantized_copies(full, quantizations)}
         if target_4bit is not None and name != "target":
             weights.append({"model": name, "seed": seed,
-                            **weight_change(target_state, model, target_4bit, attacked["4bit"])})
+                            **weight_change(target_state, full, target_4bit, attacked["4bit"])})
         for attack in attacks:
-            if attack == RELEARNED:  # trains the model itself (its quantised copies are already made)
-                attacked[RELEARNED] = relearned(model, tokenizer, relearn_set, steps=relearn_steps,
+            if attack == RELEARNED:  # trains the full-precision merge (the quantised copies are already made)
+                attacked[RELEARNED] = relearned(full, tokenizer, relearn_set, steps=relearn_steps,
                                                 learning_rate=relearn_learning_rate, lora_r=relearn_lora_r,
                                                 top_layers=top_layers, seed=seed)
             table, raw = evaluate_model(attacked[attack], tokenizer, {"forget": measured}, seed=seed, **sampling)["forget"]
             cells.append(question_cells(table).assign(model=name, seed=seed, attack=attack))
             if attack != NO_ATTACK:
                 del attacked[attack]  # one quantised copy at a time in memory
-        del model, attacked
+        del model, full, attacked
         seconds[f"{name}@seed{seed}"] = time.perf_counter() - tick
         last = pd.concat(cells[-len(attacks):])
         print(f"{name:>8} seed {seed}: greedy leak / M_bin " + ", ".join(

@@ -108,15 +108,25 @@ def load_model(
     quantization: str | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
+    merge: bool | None = None,
 ):
     """Load a causal LM and its tokenizer; returns `(model, tokenizer)` with the model in eval mode.
 
     name_or_path: `"smollm2-135m"` (the embedded offline default), a Hugging Face id, a local model
-        directory, or a directory written by `save_adapter` (the adapter is loaded on its base model
-        and merged, so a fine-tuned "target" loads like any model).
+        directory, or a directory written by `save_adapter` (the adapter is loaded on its base model).
     quantization: None (plain weights) or `"4bit"` (bitsandbytes NF4, the QLoRA path; it also runs
         on a CPU, slowly).
     dtype, device: see the module docstring for the defaults.
+    merge: for a `save_adapter` directory, whether the adapter is added into its base's weights (a
+        plain model) or kept beside them (a peft model, exactly the model that was trained). None
+        (default): the model as the pipeline uses it (`merges_by_default`) — an adapter on a plain
+        model (notebook 02's target, retain and partial models) is merged, because notebook 03 starts
+        from the merged target and every later notebook reads that as the target; an adapter on a
+        saved model (an unlearned model on the target) stays beside it, as notebook 03 trained,
+        controlled and evaluated it. Merging that one into bfloat16 weights would round most of a
+        small update away (a mixed model's adapter is scaled by 1 − λ): on the cpu run, merged copies
+        of GA + mismatch mixed leaked greedily on 30 of 32 forget questions where the model as trained
+        leaked on 25.
     """
     if quantization not in (None, "4bit"):
         raise ValueError(f"quantization must be None or '4bit', got {quantization!r}")
@@ -126,9 +136,15 @@ def load_model(
     dtype = dtype or default_dtype(device)
 
     path = Path(str(name_or_path))
-    if (path / META_FILE).exists():  # a saved adapter: load its base, then merge the adapter in
+    if (path / META_FILE).exists():  # a saved adapter: load its base, then the adapter on it
         from peft import PeftModel
 
+        if merge is None:
+            merge = merges_by_default(path)
+        if not merge:  # the base as it is used (a saved target merged, 4-bit if asked), the adapter beside it
+            base, tokenizer = load_model(adapter_base(path), quantization=quantization, dtype=dtype, device=device)
+            with _quiet_peft():
+                return PeftModel.from_pretrained(base, str(path)).eval(), tokenizer
         # Merged in full precision, then quantised: one rounding. (peft's merge into 4-bit layers
         # dequantises the already rounded base, adds the update and rounds again.)
         base, tokenizer = load_model(adapter_base(path), dtype=dtype, device=device)
@@ -165,6 +181,12 @@ def _hub_error(name_or_path, err: Exception) -> OSError:
         f"could not provide it (offline?). Offline, use the embedded default model "
         f"{DEFAULT_MODEL!r} (`load_model()`), or pass a local directory. Original error: {err}"
     )
+
+
+def merges_by_default(adapter_dir: str | os.PathLike) -> bool:
+    """Whether `load_model(adapter_dir)` merges the adapter (see its `merge`): True for an adapter on
+    a plain model, False for one on another saved adapter (an unlearned model on the target)."""
+    return not (Path(adapter_base(adapter_dir)) / META_FILE).exists()
 
 
 def adapter_base(adapter_dir: str | os.PathLike) -> str:
@@ -276,6 +298,46 @@ def evaluating(model):
             yield model
     finally:
         model.train(was_training)
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def full_precision(model):
+    """float32 weights and activations inside the block, then every parameter and buffer back to its
+    dtype. bfloat16 -> float32 -> bfloat16 is exact, so this is the same model computed more exactly.
+
+    Greedy decoding runs in it (`sampling.greedy_answers`). An argmax is decided by the smallest logit
+    gaps, and bfloat16 activations (8 mantissa bits) make those depend on which other questions share
+    the batch: the matrix kernels sum in another order for another batch shape. On the cpu run, GA
+    early-stopped (seed 0) gave three different greedy answers to one forget question in batches of
+    1, 8 and 16 questions, one of them the fact. float32 rounds 2^16 times finer, so the greedy answer
+    is the model's and the question's (the same 40 answers in batches of 1 and 64 there). A model
+    already in float32, and a quantised one (its layers compute in their own dtype), are left as
+    they are."""
+    low = [(module, kind, name, tensor.dtype) for module in model.modules()
+           for kind, tensors in (("_parameters", module._parameters), ("_buffers", module._buffers))
+           for name, tensor in tensors.items() if tensor is not None and tensor.dtype in _LOW_PRECISION]
+    quantised = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+    if not low or quantised:
+        yield model
+        return
+    for module, kind, name, _ in low:
+        _set_dtype(module, kind, name, torch.float32)
+    try:
+        yield model
+    finally:
+        for module, kind, name, dtype in low:
+            _set_dtype(module, kind, name, dtype)
+
+
+def _set_dtype(module, kind: str, name: str, dtype: torch.dtype) -> None:
+    tensor = getattr(module, kind)[name]
+    if kind == "_parameters":
+        tensor.data = tensor.data.to(dtype)  # the same Parameter object: optimisers and peft keep theirs
+    else:
+        module._buffers[name] = tensor.to(dtype)
 
 
 @contextlib.contextmanager

@@ -115,7 +115,7 @@ def quantized_copies(model, quantizations: Sequence[str], *, dtype: torch.dtype 
 
     if hasattr(model, "peft_config"):
         raise ValueError("quantized_copy takes a plain model: merge the adapter first "
-                         "(load_model(adapter_dir) returns it merged, or models.merge_adapter(model))")
+                         "(load_model(adapter_dir, merge=True), or models.merge_adapter(model))")
     configs = {q: bnb_config(q, dtype) for q in quantizations}
     device = model_device(model)
     bars = hf_logging.is_progress_bar_enabled()

@@ -40,7 +40,9 @@ float32 the logits of a row change between batch shapes by ~1e-7 and answers are
 (the tests check this bit for bit on a tiny float32 model). In bfloat16, matrix kernels round
 differently for different batch shapes; when two candidates of the race are nearly tied, a
 different rounding can change the winner, so a small share of answers differ.
-Every answer is still an exact sample of the model at that batch shape.
+Every answer is still an exact sample of the model at that batch shape. Greedy answers are
+decoded in float32 (`greedy_answers`), where an argmax is a tie far less often than in bfloat16,
+so that notebooks that ask different sets of questions get the same greedy answer from a model.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from probunlearn import draws
 from probunlearn.attention import decoding_attention
 from probunlearn.hardware import model_device, reuse_freed_memory
 from probunlearn.kv_cache import cache_argument, kv_cache
-from probunlearn.models import encode_prompt
+from probunlearn.models import encode_prompt, full_precision
 from probunlearn.processors import DecodingStep, LogitsProcessor, StepObserver, row_aware
 from probunlearn.utils import renamed_arguments
 
@@ -396,22 +398,33 @@ def greedy_and_sampled_answers(model, tokenizer, questions: Sequence[str], *, nu
                                logits_processors: Sequence[LogitsProcessor] | None = None,
                                batch_size: int | None = None, progress: bool = True,
                                step_observer: StepObserver | None = None) -> tuple[list[str], list[list[str]]]:
-    """`(greedy_answers(...), sample_answers(...))` in one pass: the greedy row of each question
-    is decoded in the same batches as its n samples, which saves a whole decoding loop. The
-    answers are those of the two separate calls (logits processors apply to the greedy rows too;
-    the step observer sees the greedy rows with sample index `GREEDY`)."""
-    greedy, sampled = _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
-                              top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
-                              batch_size=batch_size, progress=progress, with_greedy=True,
-                              step_observer=step_observer)
-    return answer_texts(tokenizer, greedy), [answer_texts(tokenizer, rows) for rows in sampled]
+    """`(greedy_answers(...), sample_answers(...))`. An engine (vLLM) decodes the greedy row of each
+    question in the same batches as its n samples; our sampler makes the two calls, since its greedy
+    answers run in float32 (`greedy_answers`) and its samples in the model's dtype. The logits
+    processors and the step observer apply to the samples (an engine's step observer also sees the
+    greedy rows, with sample index `GREEDY`)."""
+    if _is_engine(model):
+        greedy, sampled = _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
+                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                  logits_processors=logits_processors, batch_size=batch_size, progress=progress,
+                                  with_greedy=True, step_observer=step_observer)
+        return answer_texts(tokenizer, greedy), [answer_texts(tokenizer, rows) for rows in sampled]
+    greedy = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
+                            batch_size=_check_batch_size(batch_size, model), progress=progress)
+    _, sampled = _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
+                         batch_size=batch_size, progress=progress, with_greedy=False, step_observer=step_observer)
+    return greedy, [answer_texts(tokenizer, rows) for rows in sampled]
 
 
 def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens: int,
                    batch_size: int = 32, progress: bool = True) -> list[str]:
     """Greedy (argmax) answers to raw questions, formatted with `format_prompt`; returns the decoded
     new text only, without special tokens, stripped. `batch_size`: questions decoded together.
-    Same batched, cached decoding as `sample_answers` (used by every greedy evaluation)."""
+    Same batched, cached decoding as `sample_answers` (used by every greedy evaluation), in float32
+    (`models.full_precision`): in bfloat16 an argmax near a tie depends on which other questions
+    share the batch, so two notebooks asking different sets of questions would get different greedy
+    answers from one model; in float32 the answer is the model's and the question's alone."""
     questions = _check_common(questions, max_new_tokens)
     if _is_engine(model):
         greedy, _ = model.sample_token_ids(questions, num_samples=0, max_new_tokens=int(max_new_tokens),
@@ -420,9 +433,10 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens
     batch_size = _check_batch_size(batch_size, model)
     if not questions:
         return []
-    ids = _run(model, tokenizer, questions, [(i, GREEDY) for i in range(len(questions))],
-               max_new_tokens=int(max_new_tokens), seed=0, temperature=0.0, top_p=1.0, logits_processors=[],
-               batch_size=batch_size, progress=progress and len(questions) > batch_size, desc="greedy")
+    with full_precision(model):
+        ids = _run(model, tokenizer, questions, [(i, GREEDY) for i in range(len(questions))],
+                   max_new_tokens=int(max_new_tokens), seed=0, temperature=0.0, top_p=1.0, logits_processors=[],
+                   batch_size=batch_size, progress=progress and len(questions) > batch_size, desc="greedy")
     return answer_texts(tokenizer, ids)
 
 

@@ -247,7 +247,7 @@ def merged_directory(adapter_dir) -> Path:
     target = Path(adapter_dir) / "merged"
     if (target / "config.json").exists():
         return target
-    model, tokenizer = load_model(adapter_dir, dtype=torch.float32, device="cpu")
+    model, tokenizer = load_model(adapter_dir, dtype=torch.float32, device="cpu", merge=True)
     tmp = target.with_name("merged.tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
