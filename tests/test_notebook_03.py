@@ -72,8 +72,10 @@ def test_03_table_over_seeds_and_models(smoke_run, summary):
     for method in SMOKE["UNLEARN_METHODS"]:
         for name in (method, f"{method}_es", f"{method}_mix"):
             assert (results / summary["models"][f"{name}@seed0"] / "adapter_model.safetensors").exists()
-    model, _ = load_model(results / summary["models"]["ga_mix@seed0"])  # loads as a plain model on the target
-    assert not hasattr(model, "peft_config")
+    path = results / summary["models"]["ga_mix@seed0"]
+    model, _ = load_model(path)  # as trained: the target with the adapter beside its weights
+    assert hasattr(model, "peft_config")
+    assert not hasattr(load_model(path, merge=True)[0], "peft_config")  # or merged, a plain model
     for figure in ("03_unlearning_curves", "03_unlearning_nll", "03_matched_utility"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 1000
     print(f"notebook 03 wall time: {summary['wall_seconds']:.0f} s (in-notebook), "

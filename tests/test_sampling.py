@@ -105,7 +105,7 @@ def test_greedy_and_sampled_equal_separate_calls(model, tokenizer):
 
 
 def test_greedy_decodes_a_bfloat16_model_in_float32_and_leaves_it_as_it_was(tokenizer):
-    from probunlearn.models import full_precision
+    from probunlearn.models import full_precision, full_precision_changes
 
     low = tiny_model(seed=3).to(torch.bfloat16)
     before = {k: v.clone() for k, v in low.state_dict().items()}
@@ -115,6 +115,11 @@ def test_greedy_decodes_a_bfloat16_model_in_float32_and_leaves_it_as_it_was(toke
     for batch_size in (1, 3):  # whatever else shares the batch
         assert sampling.greedy_answers(low, tokenizer, QUESTIONS, max_new_tokens=10, batch_size=batch_size,
                                        progress=False) == greedy
+    assert full_precision_changes(low) and not full_precision_changes(exact)
+    for decoded in (low, exact):  # apart from the samples (bfloat16) or beside them (float32): the same answers
+        both = sampling.greedy_and_sampled_answers(decoded, tokenizer, QUESTIONS, num_samples=3, max_new_tokens=10,
+                                                   progress=False)
+        assert both[0] == greedy
     with full_precision(low):
         assert {p.dtype for p in low.parameters()} == {torch.float32}
     after = low.state_dict()

@@ -316,11 +316,8 @@ def full_precision(model):
     is the model's and the question's (the same 40 answers in batches of 1 and 64 there). A model
     already in float32, and a quantised one (its layers compute in their own dtype), are left as
     they are."""
-    low = [(module, kind, name, tensor.dtype) for module in model.modules()
-           for kind, tensors in (("_parameters", module._parameters), ("_buffers", module._buffers))
-           for name, tensor in tensors.items() if tensor is not None and tensor.dtype in _LOW_PRECISION]
-    quantised = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
-    if not low or quantised:
+    low = _low_precision_tensors(model)
+    if not low:
         yield model
         return
     for module, kind, name, _ in low:
@@ -330,6 +327,22 @@ def full_precision(model):
     finally:
         for module, kind, name, dtype in low:
             _set_dtype(module, kind, name, dtype)
+
+
+def full_precision_changes(model) -> bool:
+    """Whether `full_precision(model)` computes anything differently: the model has bfloat16 or
+    float16 weights and is not quantised."""
+    return bool(_low_precision_tensors(model))
+
+
+def _low_precision_tensors(model) -> list:
+    """(module, "_parameters" or "_buffers", name, dtype) of every bfloat16/float16 tensor of a model
+    that `full_precision` may cast; none for a quantised model."""
+    if any(type(module).__module__.startswith("bitsandbytes") for module in model.modules()):
+        return []
+    return [(module, kind, name, tensor.dtype) for module in model.modules()
+            for kind, tensors in (("_parameters", module._parameters), ("_buffers", module._buffers))
+            for name, tensor in tensors.items() if tensor is not None and tensor.dtype in _LOW_PRECISION]
 
 
 def _set_dtype(module, kind: str, name: str, dtype: torch.dtype) -> None:

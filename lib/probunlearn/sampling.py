@@ -58,7 +58,7 @@ from probunlearn import draws
 from probunlearn.attention import decoding_attention
 from probunlearn.hardware import model_device, reuse_freed_memory
 from probunlearn.kv_cache import cache_argument, kv_cache
-from probunlearn.models import encode_prompt, full_precision
+from probunlearn.models import encode_prompt, full_precision, full_precision_changes
 from probunlearn.processors import DecodingStep, LogitsProcessor, StepObserver, row_aware
 from probunlearn.utils import renamed_arguments
 
@@ -398,12 +398,13 @@ def greedy_and_sampled_answers(model, tokenizer, questions: Sequence[str], *, nu
                                logits_processors: Sequence[LogitsProcessor] | None = None,
                                batch_size: int | None = None, progress: bool = True,
                                step_observer: StepObserver | None = None) -> tuple[list[str], list[list[str]]]:
-    """`(greedy_answers(...), sample_answers(...))`. An engine (vLLM) decodes the greedy row of each
-    question in the same batches as its n samples; our sampler makes the two calls, since its greedy
-    answers run in float32 (`greedy_answers`) and its samples in the model's dtype. The logits
-    processors and the step observer apply to the samples (an engine's step observer also sees the
-    greedy rows, with sample index `GREEDY`)."""
-    if _is_engine(model):
+    """`(greedy_answers(...), sample_answers(...))`. An engine (vLLM), and our sampler on a float32
+    model, decode the greedy row of each question in the same batches as its n samples, which saves
+    a decoding loop (the answers are those of the two calls). On a bfloat16 or float16 model our
+    sampler makes the two calls, since its greedy answers run in float32 (`greedy_answers`) and its
+    samples in the model's dtype. The logits processors and the step observer apply to the samples
+    and, where they are decoded together, to the greedy rows too (sample index `GREEDY`)."""
+    if _is_engine(model) or not full_precision_changes(model):
         greedy, sampled = _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature,
                                   top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                                   logits_processors=logits_processors, batch_size=batch_size, progress=progress,

@@ -305,9 +305,10 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
     'threshold': {reading: h_τ or c_T}, 'quantile', 'fire_rate': {reading: {split: share of decoding
     steps in the low branch}}, 'redrawn': {reading: {split: share of sampled answers decoded again
     (1.0 without replay)}}, 'entropies': {split: per-step entropies of the plain pass}}. The
-    statistics count the sampled answers (our sampler decodes the greedy ones apart, in float32; an
-    engine's step observer also sees its greedy rows, 1 of n + 1); greedy answers are the same in
-    every pass (the low branch keeps the argmax)."""
+    statistics count the decoded answers: the sampled ones, and the greedy answer of each question
+    (1 of n + 1) where it is decoded beside them (an engine, or a float32 model; a bfloat16 model's
+    greedy answers are decoded apart, in float32); greedy answers are the same in every pass (the
+    low branch keeps the argmax)."""
     unknown = sorted(set(readings) - set(READINGS))
     if unknown:
         raise ValueError(f"unknown readings {unknown}; choose from {sorted(READINGS)}")
