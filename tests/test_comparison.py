@@ -5,12 +5,16 @@ and the paired verdicts."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from datasets import Dataset
 from tiny_lm import tiny_model, tiny_tokenizer
 
 from probunlearn import bounds
-from probunlearn.comparison import (leakage_point, method_verdicts, mixing_lambdas, reading_cells, variant_name,
-                                    variant_table, verdict_table)
+from probunlearn.comparison import (best_above_bar, firing_curve, leakage_point, method_verdicts, mixing_lambdas,
+                                    reading_cells, run_to_bar, variant_name, variant_table, verdict_table)
+from probunlearn.stats import holm
+from probunlearn.unlearning import adapter_state
+from tiny_unlearning import FORGET, RETAIN, fresh
 from probunlearn.probabilistic import evaluate_model
 from probunlearn.sampling import greedy_answers
 from probunlearn.temperature import evaluate_adaptive
@@ -35,6 +39,7 @@ def test_leakage_point_is_the_greedy_and_sampled_evaluation_in_one_pass(lm):
     assert point["forget_rouge_l_recall"] == pytest.approx(table["greedy_rouge_l"].mean())
     assert point["forget_m_bin"] == pytest.approx(float(np.mean(bounds.binary_leak_upper(raw["leaks"], bounds.ALPHA))))
     assert point["forget_leak_rate"] == pytest.approx(raw["leaks"].mean())
+    assert point["forget_m_bin_questions"] == pytest.approx(list(bounds.binary_leak_upper(raw["leaks"], bounds.ALPHA)))
     from probunlearn.metrics import rouge_l_recall
     retain_greedy = greedy_answers(model, tokenizer, retain["question"], max_new_tokens=8, progress=False)
     assert point["retain_rouge_l_recall"] == pytest.approx(np.mean([rouge_l_recall(g, r["answer"])
@@ -83,7 +88,7 @@ def test_variant_table_and_verdicts_on_known_cells():
     verdicts = verdict_table(cells).set_index("variant")
     assert verdicts.loc["+ entropy", "verdict"] == "lower"
     assert verdicts.loc["+ entropy", "mean_difference"] == pytest.approx(-0.3)
-    assert verdicts.loc["+ AT (entropy)", "verdict"] == "no difference"  # the same cells: nothing changed
+    assert verdicts.loc["+ AT (entropy)", "verdict"] == "changed no sample"  # the same cells: not a test
     assert np.isnan(verdicts.loc["+ AT (entropy)", "p_value_holm"]) and verdicts.loc["+ entropy", "p_value_holm"] < 0.05
     assert (verdicts["groups"] == 3).all()
     assert (verdicts["cells"] == 24).all()
@@ -122,3 +127,67 @@ def test_mixing_lambdas_follow_the_model_behind_each_variant_not_its_name():
     table = mixing_lambdas(pd.DataFrame(rows)).set_index("variant")["mixing_lambdas"]
     assert table["+ AT (entropy)"] == [0.5, 1.0]  # a reading of adaptive temperature on the baseline model
     assert table["+ entropy"] == [0.25, 0.75]     # seed order, whatever the row order
+
+
+def _family_cells():
+    """Two methods, five variants: '+ entropy' lower on ga; '+ AT (confidence)' a little noise;
+    '+ entropy + AT (entropy)' a copy of '+ entropy'; on 'floored' no baseline sample leaks."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for method in ("ga", "floored"):
+        for seed in (0, 1, 2):
+            for question in range(6):
+                base = rng.uniform(0.4, 0.9) if method == "ga" else 0.134
+                noise = rng.normal(0, 0.02)
+                for variant, value in (("baseline", base), ("+ AT (entropy)", base), ("+ AT (confidence)", base + noise),
+                                       ("+ entropy", base - 0.3), ("+ entropy + AT (entropy)", base - 0.3)):
+                    rows.append({"condition": "best point", "method": method, "variant": variant, "seed": seed,
+                                 "question": question, "split": "forget", "m_bin": value,
+                                 "leak_rate": 0.0 if method == "floored" and variant == "baseline" else 0.2})
+    return pd.DataFrame(rows)
+
+
+def test_verdict_table_is_an_honest_family():
+    verdicts = verdict_table(_family_cells())
+    dropped = {(d["method"], d["variant"]): d["duplicate_of"] for d in verdicts.attrs["dropped"]}
+    assert dropped == {("ga", "+ entropy + AT (entropy)"): "+ entropy", ("floored", "+ entropy + AT (entropy)"): "+ entropy"}
+    table = verdicts.set_index(["method", "variant"])
+    assert len(table) == 6 and ("ga", "+ entropy + AT (entropy)") not in table.index
+    assert table.loc[("ga", "+ AT (entropy)"), "verdict"] == "changed no sample"
+    assert table.loc[("floored", "+ AT (entropy)"), "verdict"] == "changed no sample"
+    for variant in ("+ AT (confidence)", "+ entropy"):  # the baseline never leaked: no reduction can show
+        assert table.loc[("floored", variant), "verdict"] == "cannot show a reduction at this n"
+    assert table.loc[("ga", "+ entropy"), "verdict"] == "lower"
+    tested = table[table["p_value_holm"].notna()]
+    assert list(tested.index) == [("ga", "+ AT (confidence)"), ("ga", "+ entropy")]  # Holm over the tests only
+    assert np.allclose(tested["p_value_holm"], holm(tested["p_value"].to_numpy()))
+
+
+def test_firing_curve_counts_the_steps_below_each_threshold():
+    entropies = {"forget": np.array([0.001, 0.01, 0.1, 1.0]), "retain": np.array([0.5, 1.0, 2.0, 3.0, 4.0])}
+    curve = firing_curve(entropies, [0.005, 0.2, 1.5]).set_index("threshold")
+    assert curve["fires_forget"].tolist() == [0.25, 0.75, 1.0]
+    assert curve["fires_retain"].tolist() == [0.0, 0.0, 0.4]
+    assert curve["retain_quantile"].tolist() == curve["fires_retain"].tolist()
+
+
+def test_run_to_bar_stops_below_the_bar_and_keeps_its_best_point(tiny):
+    model, tokenizer = fresh(tiny)
+    scripted = iter([(1.0, 0.9), (0.95, 0.6), (0.92, 0.4), (0.91, 0.5), (0.5, 0.1), (0.4, 0.0), (0.3, 0.0)])
+    snapshots = []
+
+    def evaluate(m):  # a scripted trace: above the bar (0.9) for four evaluations, then below
+        retain, m_bin = next(scripted)
+        snapshots.append(adapter_state(m))
+        return {"retain_rouge_l_recall": retain, "forget_m_bin": m_bin}
+
+    run, best = run_to_bar(model, tokenizer, FORGET, RETAIN, bar=0.9, evaluate=evaluate, method="ga", steps=20,
+                           learning_rate=1e-2, batch_size=2, eval_every=2, progress=False)
+    assert [r["step"] for r in run.trace] == [0, 2, 4, 6, 8, 10] and run.stopped_at == 10 and len(run.log) == 10
+    assert best["step"] == 4 and best["row"]["forget_m_bin"] == 0.4  # the lowest M_bin above the bar
+    assert all(torch.equal(best["state"][k], v) for k, v in snapshots[2].items())
+    assert not all(torch.equal(best["state"][k], v) for k, v in adapter_state(model).items())
+    assert best_above_bar(pd.DataFrame(run.trace), 0.9)["step"] == 4
+    with pytest.raises(TypeError, match="stop_when"):
+        run_to_bar(model, tokenizer, FORGET, RETAIN, bar=0.9, evaluate=evaluate, stop_when=None, method="ga", steps=1,
+                   learning_rate=1e-2, batch_size=2)

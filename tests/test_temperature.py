@@ -226,3 +226,31 @@ def test_step_trace_flags_only_rows_that_left_the_argmax_below_the_threshold():
     assert trace.rows_to_redraw(2.0) == [(0, 1), (1, 0)]
     assert trace.low_steps(low) == (3, 4) and trace.low_steps(low, skip=[(0, 1)]) == (2, 3)
     assert trace.entropies.shape == (4,)
+
+
+def test_a_sweep_replays_each_setting_as_the_reading_itself_would(lm):
+    """A swept setting is the reading at that setting, from the same plain pass: the sweep's tables
+    and fire rates equal those of evaluate_adaptive run with that setting as its own."""
+    from probunlearn.comparison import sweep_table
+    from probunlearn.temperature import evaluate_adaptive
+
+    model, tokenizer = lm
+    splits = _splits()
+    kwargs = dict(num_samples=5, max_new_tokens=MAX_NEW, seed=2, progress=False)
+    out = evaluate_adaptive(model, tokenizer, splits, quantile=0.05, confidence_threshold=0.9,
+                            sweep={"entropy": [0.4], "confidence": [0.3]}, **kwargs)
+    alone = evaluate_adaptive(model, tokenizer, splits, quantile=0.4, confidence_threshold=0.3, **kwargs)
+    by_reading = {entry["reading"]: entry for entry in out["sweep"]}
+    assert set(by_reading) == {"entropy", "confidence"} and by_reading["confidence"]["threshold"] == 0.3
+    for reading, entry in by_reading.items():
+        assert entry["threshold"] == pytest.approx(alone["threshold"][reading])
+        for name in splits:
+            assert entry["tables"][name].equals(alone["adaptive"][reading][name][0])
+            assert entry["fire_rate"][name] == pytest.approx(alone["fire_rate"][reading][name])
+    table = sweep_table(out)
+    assert len(table) == 1 + 2 + 2 and table["reading"].tolist().count("plain") == 1
+    swept = table[(table["reading"] == "entropy") & (table["setting"] == 0.4)].iloc[0]
+    assert swept["forget_leak_rate"] == pytest.approx(alone["adaptive"]["entropy"]["forget"][0]["leak_rate"].mean())
+    assert table.loc[table["reading"] == "plain", "forget_fire_rate"].iloc[0] == 0
+    with pytest.raises(ValueError, match="replay"):
+        evaluate_adaptive(model, tokenizer, splits, replay=False, sweep={"entropy": [0.5]}, **kwargs)

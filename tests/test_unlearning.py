@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from probunlearn.unlearning import adapter_state, checkpoint_restored, mismatch_pairs, reset_adapter, unlearn
+from probunlearn.unlearning import (adapter_state, checkpoint_restored, mismatch_pairs, reset_adapter, start_full_unlearning,
+                                   unlearn)
 from tiny_unlearning import FORGET, RETAIN, forget_nll, fresh, perturb_adapter
 
 
@@ -66,3 +67,29 @@ def test_checkpoints_restore_the_adapter_of_their_step(tiny):
     with checkpoint_restored(model, run.checkpoints[2]):
         assert forget_nll(model, tokenizer) == pytest.approx(run.trace[1]["forget_nll"], rel=1e-6)
     assert all(torch.equal(final[k], v) for k, v in adapter_state(model).items())
+
+
+def test_full_fine_tuning_keeps_float32_weights_under_bfloat16_products(tiny):
+    model, tokenizer = start_full_unlearning(tiny["path"])
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    before = adapter_state(model)
+    assert len(before) == len(list(model.parameters()))  # every weight is trained, and copied
+    run = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=2, learning_rate=1e-5, batch_size=2,
+                  compute_dtype=torch.bfloat16, progress=False)
+    after = adapter_state(model)
+    assert len(run.log) == 2 and all(v.dtype == torch.float32 for v in after.values())
+    changes = [(after[k] - before[k]).abs().max() / before[k].abs().max().clamp(min=1e-12) for k in before]
+    moved = max(changes)
+    # an AdamW step of 1e-5 moves weights by less than bfloat16 can represent (2^-8 relative): kept in float32
+    assert 0 < moved < 2 ** -8
+
+
+def test_stop_when_ends_the_run_at_an_evaluation(tiny):
+    model, tokenizer = fresh(tiny)
+    run = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=10, learning_rate=1e-2, batch_size=2,
+                  eval_every=3, evaluate=lambda m: {"x": 1.0}, stop_when=lambda trace: len(trace) == 3,
+                  progress=False)
+    assert run.stopped_at == 6 and len(run.log) == 6 and [r["step"] for r in run.trace] == [0, 3, 6]
+    run = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=2, learning_rate=1e-2, batch_size=2,
+                  evaluate=lambda m: {"x": 1.0}, stop_when=lambda trace: False, progress=False)
+    assert run.stopped_at is None and len(run.log) == 2

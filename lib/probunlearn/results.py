@@ -34,6 +34,9 @@ ARTEFACTS = {
     "entropy_cells": "entropy/cells.csv",
     "entropy_verdicts": "entropy/verdicts.csv",
     "entropy_dynamics": "entropy/dynamics.csv",
+    "entropy_runs": "entropy/runs.csv",
+    "entropy_firing": "entropy/firing.csv",
+    "entropy_sweep": "entropy/sweep.csv",
     # 05 probabilistic evaluation
     "probabilistic_summary": "probabilistic/summary.json",
     "probabilistic_cells": "probabilistic/cells.csv",

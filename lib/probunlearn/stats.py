@@ -44,11 +44,14 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["mean_interval", "sign_flip_p", "holm", "paired_verdict", "paired_verdicts", "holm_verdicts",
-           "summarise_cells", "chi_square_p", "VERDICTS", "CONFIDENCE", "ALPHA"]
+           "summarise_cells", "chi_square_p", "VERDICTS", "NOT_TESTED", "CONFIDENCE", "ALPHA"]
 
 CONFIDENCE = 0.95  # level of every interval
 ALPHA = 0.05  # family-wise error rate of a notebook's verdicts (Holm)
 VERDICTS = ("lower", "higher", "inconclusive", "no difference")
+# Rows of a verdict table that are not tests (no p-value enters Holm's family): the variant changed
+# nothing, or (`comparison.verdict_table`) it changed no sample / the baseline sat at the bound's floor.
+NOT_TESTED = ("no difference", "changed no sample", "cannot show a reduction at this n")
 GROUPED_METHOD = "two-level bootstrap (groups, then cells within)"
 CELL_METHOD = "BCa bootstrap over cells"
 _RESAMPLES = 4000  # bootstrap replicates
@@ -219,12 +222,12 @@ def paired_verdict(baseline, variant, *, groups=None, confidence: float = CONFID
 
 def holm_verdicts(table, *, p_column: str = "p_value", alpha: float = ALPHA):
     """One family of verdicts (a notebook's table of `paired_verdict` rows) corrected for
-    multiplicity: a copy of `table` with `p_value_holm` (Holm over the rows whose verdict is not
-    "no difference"; those rows get NaN), and with every "lower" or "higher" whose adjusted p-value
+    multiplicity: a copy of `table` with `p_value_holm` (Holm over the rows whose verdict is not one
+    of `NOT_TESTED`, e.g. "no difference"; those rows get NaN), and with every "lower" or "higher" whose adjusted p-value
     is not below `alpha` (NaN included) downgraded to "inconclusive" (its `reading` prefixed with
     why): a verdict needs the grouped interval and the family-corrected test."""
     table = table.copy()
-    tested = (table["verdict"] != "no difference").to_numpy()
+    tested = ~table["verdict"].isin(NOT_TESTED).to_numpy()
     adjusted = np.full(len(table), np.nan)
     adjusted[tested] = holm(table.loc[tested, p_column].to_numpy(dtype=float))
     table["p_value_holm"] = adjusted

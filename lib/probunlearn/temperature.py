@@ -283,13 +283,28 @@ class StepTrace:
         return int((processor.fires_in(self)[keep]).sum()), int(keep.sum())
 
 
+def _replay(model, tokenizer, dataset, plain, trace, processor, *, num_samples, sampling, scoring):
+    """(table, raw), fire rate and share redrawn of `processor` on one split, from its plain pass:
+    only the answers it could change are decoded again (`StepTrace.rows_to_redraw`)."""
+    table, raw = plain
+    rows = trace.rows_to_redraw(processor)
+    samples = [list(row) for row in raw["samples"]]
+    ids = sample_rows(model, tokenizer, list(dataset["question"]), rows, logits_processors=[processor], **sampling)
+    for (i, j), text in zip(rows, answer_texts(tokenizer, ids)):
+        samples[i][j] = text
+    scored = score_samples(dataset, list(table["greedy"]), samples, **scoring)
+    fired, steps = trace.low_steps(processor, skip=rows)
+    total = processor.steps + steps
+    return scored, (processor.fired + fired) / total if total else float("nan"), len(rows) / max(1, len(dataset) * num_samples)
+
+
 @renamed_arguments(lam="ed_weight")
 def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("entropy", "confidence"),
                       calibrate_on: str = "retain", quantile: float = 0.05, confidence_threshold: float = 0.9,
                       low_temperature: float = 0.0, temperature: float = 1.0, num_samples: int, max_new_tokens: int,
                       top_p: float = 1.0, alpha: float = bounds.ALPHA, leak_tau: float = 0.5,
                       ed_weight: float = bounds.ED_WEIGHT, seed: int = 0, batch_size: int | None = None,
-                      progress: bool = True, replay: bool = True) -> dict:
+                      progress: bool = True, replay: bool = True, sweep: dict | None = None) -> dict:
     """`probabilistic.evaluate_model` of one model plainly and under each reading of adaptive
     temperature (`READINGS`: "entropy", h_τ calibrated as the `quantile` of the entropies recorded
     on the `calibrate_on` split; "confidence", c_T = `confidence_threshold`), per split (SPEC §2).
@@ -301,19 +316,27 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
     `replay=False` runs full passes (the tests check that both agree). Caveat as in `sampling`: in
     bfloat16, a full pass may differ on a few answers where the batch shape changes the rounding.
 
+    `sweep`: other settings of the readings, replayed from the same plain pass (a calibration
+    curve): {"entropy": [quantiles], "confidence": [c_T values]}; each becomes one entry of
+    `result["sweep"]`: {'reading', 'setting' (the quantile or c_T), 'threshold' (h_τ or c_T),
+    'tables': {split: table}, 'fire_rate': {split: ...}, 'redrawn': {split: ...}}.
+
     Returns {'plain': {split: (table, raw)}, 'adaptive': {reading: {split: (table, raw)}},
     'threshold': {reading: h_τ or c_T}, 'quantile', 'fire_rate': {reading: {split: share of decoding
     steps in the low branch}}, 'redrawn': {reading: {split: share of sampled answers decoded again
-    (1.0 without replay)}}, 'entropies': {split: per-step entropies of the plain pass}}. The
+    (1.0 without replay)}}, 'entropies': {split: per-step entropies of the plain pass}, 'sweep'}. The
     statistics count the decoded answers: the sampled ones, and the greedy answer of each question
     (1 of n + 1) where it is decoded beside them (an engine, or a float32 model; a bfloat16 model's
     greedy answers are decoded apart, in float32); greedy answers are the same in every pass (the
     low branch keeps the argmax)."""
-    unknown = sorted(set(readings) - set(READINGS))
+    sweep = dict(sweep or {})
+    unknown = sorted((set(readings) | set(sweep)) - set(READINGS))
     if unknown:
         raise ValueError(f"unknown readings {unknown}; choose from {sorted(READINGS)}")
     if calibrate_on not in splits:
         raise ValueError(f"calibrate_on={calibrate_on!r} is not one of the splits {list(splits)}")
+    if sweep and not replay:
+        raise ValueError("sweep replays the plain pass: it needs replay=True")
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                     batch_size=batch_size, progress=progress)
     scoring = dict(alpha=alpha, leak_tau=leak_tau, ed_weight=ed_weight)
@@ -323,8 +346,9 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
         plain[name] = evaluate_model(model, tokenizer, {name: dataset}, num_samples=num_samples, step_observer=traces[name],
                                      **sampling, **scoring)[name]
     entropies = {name: trace.entropies for name, trace in traces.items()}
-    thresholds = {"entropy": threshold_from_entropies(entropies[calibrate_on], quantile)["threshold"],
-                  "confidence": float(confidence_threshold)}
+    threshold_of = {"entropy": lambda q: threshold_from_entropies(entropies[calibrate_on], q)["threshold"],
+                    "confidence": float}
+    thresholds = {"entropy": threshold_of["entropy"](quantile), "confidence": float(confidence_threshold)}
     adaptive, fire_rate, redrawn = {}, {}, {}
     for reading in readings:
         adaptive[reading], fire_rate[reading], redrawn[reading] = {}, {}, {}
@@ -335,17 +359,21 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
                                                          logits_processors=[processor], **sampling, **scoring)[name]
                 fire_rate[reading][name], redrawn[reading][name] = processor.fire_rate, 1.0
                 continue
-            table, raw = plain[name]
-            rows = traces[name].rows_to_redraw(processor)
-            samples = [list(row) for row in raw["samples"]]
-            ids = sample_rows(model, tokenizer, list(dataset["question"]), rows, logits_processors=[processor],
-                              **sampling)
-            for (i, j), text in zip(rows, answer_texts(tokenizer, ids)):
-                samples[i][j] = text
-            adaptive[reading][name] = score_samples(dataset, list(table["greedy"]), samples, **scoring)
-            fired, steps = traces[name].low_steps(processor, skip=rows)
-            total = processor.steps + steps
-            fire_rate[reading][name] = (processor.fired + fired) / total if total else float("nan")
-            redrawn[reading][name] = len(rows) / max(1, len(dataset) * num_samples)
+            adaptive[reading][name], fire_rate[reading][name], redrawn[reading][name] = _replay(
+                model, tokenizer, dataset, plain[name], traces[name], processor, num_samples=num_samples,
+                sampling=sampling, scoring=scoring)
+    swept = []
+    for reading, settings in sweep.items():
+        for setting in settings:
+            threshold = threshold_of[reading](setting)
+            entry = {"reading": reading, "setting": float(setting), "threshold": float(threshold),
+                     "tables": {}, "fire_rate": {}, "redrawn": {}}
+            for name, dataset in splits.items():
+                processor = READINGS[reading](threshold, low_temperature=low_temperature, temperature=temperature)
+                (table, _), entry["fire_rate"][name], entry["redrawn"][name] = _replay(
+                    model, tokenizer, dataset, plain[name], traces[name], processor, num_samples=num_samples,
+                    sampling=sampling, scoring=scoring)
+                entry["tables"][name] = table
+            swept.append(entry)
     return {"plain": plain, "adaptive": adaptive, "threshold": {r: thresholds[r] for r in readings},
-            "quantile": quantile, "fire_rate": fire_rate, "redrawn": redrawn, "entropies": entropies}
+            "quantile": quantile, "fire_rate": fire_rate, "redrawn": redrawn, "entropies": entropies, "sweep": swept}

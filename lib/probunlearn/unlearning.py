@@ -1,5 +1,5 @@
 """The unlearning loop and the evaluations it runs (SPEC §2-4): one LoRA unlearning loop for every
-objective of `objectives`, with checkpoints for early stopping, and the greedy and likelihood
+objective of `objectives` (or full fine-tuning, [P1]'s recipe), with checkpoints for early stopping, and the greedy and likelihood
 numbers of the comparison table. The two controls of excessive unlearning live in `control`.
 
 Papers: [P3] Yao, Xu, Liu, *Large Language Model Unlearning*; TOFU, Maini et al. 2024; [P2] Wang et
@@ -14,6 +14,9 @@ How the pieces fit (notebook 03 calls them in this order):
   of the adapter is kept at each evaluation (cheap with LoRA), for early stopping.
 - `control.early_stopping(trace, bar)` and `control.choose_mixing(model, score, bar)` (with
   `control.mixed_model`): the two controls of [P2].
+- `start_full_unlearning(target_dir)`: [P1]'s recipe instead, every weight trainable in float32
+  (notebook 04), trained by the same `unlearn` with `compute_dtype=torch.bfloat16` and stopped by
+  `stop_when` once it has crossed the utility bar (`comparison.run_to_bar`).
 - `evaluate_unlearning(...)`: the row of the comparison table (greedy ROUGE-L, keyword hits,
   utility accuracy, Forget Quality against the retain model, Model Utility).
 """
@@ -71,7 +74,8 @@ def _cycle(dataset, batch_size: int, seed: int):
 class UnlearningRun:
     """What `unlearn` returns. `log`: one dict per optimiser step (loss and its terms);
     `trace`: one dict per evaluation (step 0 = the target); `checkpoints`: a CPU copy of the
-    adapter's trainable tensors at each evaluated step (for early stopping)."""
+    adapter's trainable tensors at each evaluated step (for early stopping); `stopped_at`: the step
+    where `stop_when` ended the run early (None: it ran every step)."""
 
     method: str
     hparams: dict
@@ -79,6 +83,7 @@ class UnlearningRun:
     trace: list[dict] = field(default_factory=list)
     checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     seconds: float = 0.0
+    stopped_at: int | None = None
 
 
 def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8,
@@ -90,6 +95,20 @@ def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8
     set_seed(seed)
     model, tokenizer = load_model(target, quantization=quantization, dtype=dtype, device=device)
     return add_lora(model, r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, top_layers=lora_top_layers), tokenizer
+
+
+def start_full_unlearning(target, *, device: str | None = None, seed: int = 0):
+    """The fine-tuned target with every weight trainable, in float32 ([P1]'s recipe: full
+    fine-tuning, no adapter). Train it with `unlearn(..., compute_dtype=torch.bfloat16)` where
+    bfloat16 is fast (`hardware.default_dtype`), so the products run in bfloat16 and the small
+    updates accumulate in float32. `adapter_state` / `load_adapter_state` then copy and restore
+    every weight (~0.5 GB for SmolLM2-135M): keep the target's state to start each run from it.
+    Returns `(model, tokenizer)`."""
+    set_seed(seed)
+    model, tokenizer = load_model(target, dtype=torch.float32, device=device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model, tokenizer
 
 
 def reset_adapter(model, seed: int) -> None:
@@ -136,16 +155,22 @@ def checkpoint_restored(model, state: Mapping[str, torch.Tensor]):
         load_adapter_state(model, current)
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int, learning_rate: float,
             batch_size: int, hparams: Mapping | None = None, eval_every: int = 0, eval_at: Sequence[int] = (),
             evaluate: Callable | None = None, initial_evaluation: dict | None = None,
             regularisers: Sequence[Callable] = (), mismatch_per_prompt: int = 2, mismatch_pool=None,
             keep_checkpoints: bool = True, max_length: int | None = None, pad_to: int | None = None,
-            trunk: FrozenTrunk | None = None, seed: int = 0, progress: bool = True,
+            trunk: FrozenTrunk | None = None, compute_dtype: torch.dtype | None = None,
+            stop_when: Callable[[list[dict]], bool] | None = None, seed: int = 0, progress: bool = True,
             desc: str | None = None) -> UnlearningRun:
-    """Train the LoRA adapter of `model` (a peft model on the target, e.g. from `start_unlearning`)
-    to minimise the objective `METHODS[method]` plus any `regularisers`, for `steps` AdamW steps
-    at a constant `learning_rate` (gradient norm clipped at 1).
+    """Train the trainable weights of `model` (a LoRA adapter on the target, from `start_unlearning`,
+    or every weight, from `start_full_unlearning`) to minimise the objective `METHODS[method]` plus
+    any `regularisers`, for `steps` AdamW steps at a constant `learning_rate` (gradient norm clipped
+    at 1).
 
     Each step pairs a forget batch with a retain batch (both reshuffled every pass), and for
     `ga_mismatch` a batch of forget questions with `mismatch_per_prompt` random answers of other
@@ -161,7 +186,12 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     mismatch answers); the adapter's initialisation is the caller's (`reset_adapter`). `trunk`: a
     `answers.FrozenTrunk` of the model (default: a new one), which runs the frozen blocks below the
     adapter once per sequence; pass one trunk to every run on the same target to share that work.
-    A NaN or infinite loss stops the run with a FloatingPointError naming the method and step.
+    `compute_dtype`: run each step's forward and backward under `torch.autocast` in this dtype while
+    the trained weights stay in theirs (full fine-tuning, `start_full_unlearning`: float32 weights,
+    bfloat16 products; in bfloat16 weights an AdamW update of lr 1e-5 is below half a unit in the
+    last place and rounds away). A NaN or infinite loss stops the run with a FloatingPointError
+    naming the method and step. `stop_when(trace) -> bool` is asked after each evaluation; True
+    ends the run there (`UnlearningRun.stopped_at`: that step; None when the run took every step).
     """
     objective = method_objective(method)
     hparams = check_hparams(method, dict(hparams or {}))
@@ -211,7 +241,7 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
             questions, answers = mismatch_pairs(forget_records, pool, per_prompt=mismatch_per_prompt, rng=rng)
             batches["mismatch"] = encode_qa(tokenizer, questions, answers, max_length, pad_to=pad_to)
         batches = {name: {k: v.to(device) for k, v in b.items()} for name, b in batches.items()}
-        with training_attention(model):
+        with training_attention(model), _autocast(device, compute_dtype):
             out = StepOutputs(model, batches, full_logits=full_logits, trunk=trunk)
             terms = dict(objective(out, **hparams))
             for regulariser in regularisers:
@@ -240,6 +270,9 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
         if step == steps or (eval_every and step % eval_every == 0) or step in eval_at:
             model.eval()
             checkpoint(step)
+            if stop_when is not None and step < steps and stop_when(run.trace):
+                run.stopped_at = step
+                break
     bar.close()
     model.eval()
     run.seconds = time.perf_counter() - start
