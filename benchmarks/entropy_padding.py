@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-
 from probunlearn.answers import FrozenTrunk
 from probunlearn.authors import fictitious_authors
-from probunlearn.hardware import default_dtype, describe_machine
+from probunlearn.hardware import describe_machine
 from probunlearn.models import add_lora, load_model
 from probunlearn.objectives import entropy_regulariser
-from probunlearn.unlearning import unlearn
+from probunlearn.unlearning import full_tuning_dtype, start_full_unlearning, unlearn
 
 
 def seconds_per_step(model, tokenizer, forget, retain, *, pad_to, entropy, steps, warmup, trunk=None, compute_dtype=None):
@@ -43,13 +41,10 @@ def main(argv=None):
     records = fictitious_authors(num_authors=8, qa_per_author=16, seed=0)
     forget, retain = records.select(range(32)), records.select(range(32, len(records)))
     print(describe_machine())
-    fast = default_dtype("cpu")
     for tuning in ("full", "lora"):
         if tuning == "full":
-            model, tokenizer = load_model(dtype=torch.float32)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            trunk, compute = None, (fast if fast != torch.float32 else None)
+            model, tokenizer = start_full_unlearning("smollm2-135m")
+            trunk, compute = None, full_tuning_dtype(model)
         else:
             model, tokenizer = load_model()
             model = add_lora(model, r=8, lora_alpha=16, top_layers=15)

@@ -348,7 +348,7 @@ def evaluate_adaptive(model, tokenizer, splits, *, readings: Sequence[str] = ("e
     entropies = {name: trace.entropies for name, trace in traces.items()}
     threshold_of = {"entropy": lambda q: threshold_from_entropies(entropies[calibrate_on], q)["threshold"],
                     "confidence": float}
-    thresholds = {"entropy": threshold_of["entropy"](quantile), "confidence": float(confidence_threshold)}
+    thresholds = {"entropy": threshold_of["entropy"](quantile), "confidence": threshold_of["confidence"](confidence_threshold)}
     adaptive, fire_rate, redrawn = {}, {}, {}
     for reading in readings:
         adaptive[reading], fire_rate[reading], redrawn[reading] = {}, {}, {}

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probunlearn.answers import FrozenTrunk
-from probunlearn.hardware import model_device
+from probunlearn.hardware import default_dtype, model_device
 from probunlearn.models import AnswerOnlyCollator, add_lora, encode_qa, load_model, training_attention
 from probunlearn.objectives import StepOutputs, check_hparams, method_objective
 from probunlearn.utils import set_seed
@@ -99,9 +99,9 @@ def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8
 
 def start_full_unlearning(target, *, device: str | None = None, seed: int = 0):
     """The fine-tuned target with every weight trainable, in float32 ([P1]'s recipe: full
-    fine-tuning, no adapter). Train it with `unlearn(..., compute_dtype=torch.bfloat16)` where
-    bfloat16 is fast (`hardware.default_dtype`), so the products run in bfloat16 and the small
-    updates accumulate in float32. `adapter_state` / `load_adapter_state` then copy and restore
+    fine-tuning, no adapter). Train it with `unlearn(..., compute_dtype=full_tuning_dtype(model))`,
+    so that where bfloat16 is fast the products run in bfloat16 while the small updates accumulate
+    in float32. `adapter_state` / `load_adapter_state` then copy and restore
     every weight (~0.5 GB for SmolLM2-135M): keep the target's state to start each run from it.
     Returns `(model, tokenizer)`."""
     set_seed(seed)
@@ -109,6 +109,14 @@ def start_full_unlearning(target, *, device: str | None = None, seed: int = 0):
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return model, tokenizer
+
+
+def full_tuning_dtype(model) -> torch.dtype | None:
+    """The `compute_dtype` for `unlearn` on a `start_full_unlearning` model: the device's fast dtype
+    (`hardware.default_dtype`: bfloat16 where the CPU computes it natively) when it differs from
+    the float32 weights, else None (plain float32 steps)."""
+    fast = default_dtype(model_device(model).type)
+    return fast if fast != next(model.parameters()).dtype else None
 
 
 def reset_adapter(model, seed: int) -> None:
