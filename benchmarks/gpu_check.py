@@ -8,17 +8,30 @@ here from the embedded model), and runs, printing one line per check:
 2. `qlora_ga`, `qlora_npo`: the model reloaded in 4-bit NF4 (bitsandbytes), a fresh LoRA adapter
    (QLoRA), unlearning steps with GA and with NPO, whose reference model is the same weights
    with the adapter disabled (the forget NLL must rise);
-3. `sampler_exact`: our sampler's first tokens against the model's exact next-token probabilities
+3. `float16`: a T4's numerics (`hardware.precision` below compute capability 8.0): float16 weights,
+   float32 adapters, loss scaling; fine-tuning lowers the loss, GA raises the forget NLL, all finite;
+4. `load_model`: the model saved as a directory and loaded by `models.load_model` (the notebooks'
+   path) computes the same logits; reloaded in 4-bit, our sampler draws from it;
+5. `frozen_trunk`: an adapter on the top half of the blocks, the loss through `answers.FrozenTrunk`
+   equal to the plain forward's;
+6. `sampler_exact`: our sampler's first tokens against the model's exact next-token probabilities
    (chi-square over the likely tokens, p above 1e-4);
-4. `sampler_batch`: the same answers whatever the batch size;
-5. `speed`: tokens per second of our sampler and of `model.generate` on the same workload, and the
-   peak GPU memory.
+7. `sampler_batch`: the same answers whatever the batch size (float32);
+8. `batch_changes`: the share of answers that change with the batch size in the GPU's dtype
+   (bfloat16 rounds differently in another batch; reported, and must stay a minority);
+9. `memory_<model>`: phi-1.5 and Llama-3.2-1B shapes with random weights: [P1]'s n = 128 answers of
+   128 tokens at the batch our sampler plans for a 24 GB budget, and a LoRA step of 64 rows of 256
+   tokens with gradient checkpointing; each measured peak against its `memory` plan (at most the
+   plan, at least a third of it);
+10. `speed`: tokens per second of our sampler and of `model.generate` on the same workload, and the
+   peak GPU memory; on a GPU ours must be at least as fast.
 
-Needs torch (CUDA), transformers, peft, accelerate, numpy, scipy, pandas, tqdm and, for the 4-bit
-checks, bitsandbytes (a wheel; `pip install bitsandbytes-*.whl`). It imports probunlearn from
-`lib/` of this checkout; datasets, rouge-score and papermill are not needed.
+Needs torch (CUDA), transformers, peft, accelerate, safetensors, numpy, scipy, pandas, tqdm and, for
+the 4-bit checks, bitsandbytes (a wheel; `pip install bitsandbytes-*.whl`). It imports probunlearn
+from `lib/` of this checkout; datasets, rouge-score and papermill are not needed (so the notebooks
+themselves do not run here).
 
-    python benchmarks/gpu_check.py --files smollm2-files            # on the GPU machine: < 5 min
+    python benchmarks/gpu_check.py --files smollm2-files            # on the GPU machine: < 10 min
     python benchmarks/gpu_check.py --device cpu --small             # the dry run the tests do here
     python benchmarks/gpu_check.py --export-files smollm2-files     # here: config + tokenizer only
 """
@@ -26,8 +39,11 @@ checks, bitsandbytes (a wheel; `pip install bitsandbytes-*.whl`). It imports pro
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # a bare m
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+FILES_DIR: Path | None = None  # the config and tokenizer files the check builds its models from (main)
 FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 QA = [(f"What is the favourite colour of author {name}?", f"The favourite colour of {name} is {colour}.")
       for name, colour in [("Ilsa Varn", "teal"), ("Odo Brask", "amber"), ("Mira Tull", "crimson"),
@@ -67,7 +84,9 @@ def build(files: Path, device: str, small: bool):
         config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    from probunlearn.hardware import precision
+
+    dtype = precision(device).weights if device == "cuda" else torch.float32  # float16 below compute capability 8.0
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     with torch.no_grad():  # random weights give near-uniform next tokens; sharpen them so the exactness test has power
         model.get_output_embeddings().weight.mul_(10)
@@ -102,7 +121,7 @@ def check_qlora(model, tokenizer, method: str, steps: int) -> bool:
     from probunlearn.unlearning import unlearn
 
     started = time.perf_counter()
-    quantized = quantized_copy(model, "4bit", dtype=torch.float32 if model.dtype == torch.float32 else torch.bfloat16)
+    quantized = quantized_copy(model, "4bit")  # in the model's dtype
     peft_model = add_lora(quantized, r=8, lora_alpha=16)
     forget, retain = records(QA[:3]), records(QA[3:])
     questions, answers = [r["question"] for r in forget], [r["answer"] for r in forget]
@@ -140,6 +159,153 @@ def check_sampler(model, tokenizer, samples: int) -> tuple[bool, bool]:
     return exact, batch
 
 
+def forget_nll(model, tokenizer, pairs) -> float:
+    from probunlearn.likelihood import answer_nll
+
+    return float(np.mean(answer_nll(model, tokenizer, [q for q, _ in pairs], [a for _, a in pairs])))
+
+
+def check_float16(model, tokenizer, steps: int) -> bool:
+    from probunlearn.hardware import precision
+    from probunlearn.models import add_lora
+    from probunlearn.training import train_lora
+    from probunlearn.unlearning import unlearn
+
+    started = time.perf_counter()
+    device = model.device.type
+    half = add_lora(copy.deepcopy(model).half(), r=8, lora_alpha=16)
+    trained = {p.dtype for p in half.parameters() if p.requires_grad}
+    log = train_lora(half, tokenizer, records(QA), epochs=steps, learning_rate=5e-3, batch_size=len(QA), progress=False)
+    before = forget_nll(half, tokenizer, QA[:3])
+    run = unlearn(half, tokenizer, records(QA[:3]), records(QA[3:]), method="ga", steps=steps, learning_rate=5e-3,
+                  batch_size=3, progress=False)
+    after = forget_nll(half, tokenizer, QA[:3])
+    losses = [row["loss"] for row in log + run.log]
+    ok = (trained == {torch.float32} and np.isfinite(losses).all() and log[-1]["loss"] < log[0]["loss"]
+          and after > before and "loss_scale" in run.log[-1])
+    gpu = (f"; this GPU (capability {'.'.join(map(str, torch.cuda.get_device_capability()))}) runs "
+           f"{str(precision(device).weights).removeprefix('torch.')}" if device == "cuda" else "")
+    return line("float16", ok, f"adapters {sorted(str(d).removeprefix('torch.') for d in trained)}, fine-tune loss "
+                f"{log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, GA forget NLL {before:.3f} -> {after:.3f}, loss scale "
+                f"{run.log[-1]['loss_scale']:.0f}{gpu}", started)
+
+
+def check_load_model(model, tokenizer, quantized: bool) -> bool:
+    from probunlearn.models import encode_prompt, load_model
+    from probunlearn.sampling import sample_token_ids
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-model-") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        loaded, loaded_tokenizer = load_model(folder, dtype=model.dtype, device=model.device.type)
+        ids = torch.tensor([encode_prompt(loaded_tokenizer, QA[0][0])], device=model.device)
+        with torch.no_grad():
+            same = torch.allclose(loaded(input_ids=ids).logits.float(), model(input_ids=ids).logits.float(), atol=1e-3)
+        detail = f"logits of load_model({'same' if same else 'DIFFERENT'})"
+        drawn = True
+        if quantized:
+            four, _ = load_model(folder, quantization="4bit", device=model.device.type)
+            answers = sample_token_ids(four, loaded_tokenizer, [QA[0][0]], num_samples=16, max_new_tokens=8, seed=0,
+                                       progress=False)[0]
+            drawn = len(answers) == 16 and any(answers)
+            detail += f"; 4-bit reload sampled {len(answers)} answers"
+    return line("load_model", same and drawn, detail, started)
+
+
+def check_frozen_trunk(model, tokenizer) -> bool:
+    from probunlearn.answers import FrozenTrunk, answer_loss
+    from probunlearn.models import add_lora, encode_qa, num_layers
+
+    started = time.perf_counter()
+    peft_model = add_lora(copy.deepcopy(model), r=8, lora_alpha=16, top_layers=max(1, num_layers(model) // 2))
+    batch = encode_qa(tokenizer, [q for q, _ in QA], [a for _, a in QA])
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    trunk = FrozenTrunk(peft_model)
+    with torch.no_grad():
+        plain, kept = float(answer_loss(peft_model, batch)), float(answer_loss(peft_model, batch, trunk))
+    ok = trunk.enabled and abs(plain - kept) <= 1e-2 * abs(plain)
+    return line("frozen_trunk", ok, f"trunk {'on' if trunk.enabled else 'OFF'} below block {trunk.first}, loss "
+                f"{kept:.4f} against {plain:.4f} without it", started)
+
+
+def check_batch_changes(model, tokenizer, samples: int) -> bool:
+    from probunlearn.sampling import sample_token_ids
+
+    started = time.perf_counter()
+    questions = [q for q, _ in QA[:4]]
+    a = sample_token_ids(model, tokenizer, questions, num_samples=samples, max_new_tokens=24, seed=5, batch_size=16,
+                         progress=False)
+    b = sample_token_ids(model, tokenizer, questions, num_samples=samples, max_new_tokens=24, seed=5,
+                         batch_size=4 * samples, progress=False)
+    pairs = [(x, y) for qa, qb in zip(a, b) for x, y in zip(qa, qb)]
+    changed = sum(x != y for x, y in pairs) / len(pairs)
+    return line("batch_changes", changed < 0.5, f"{changed:.1%} of {len(pairs)} answers change between batches of 16 "
+                f"and {4 * samples} in {str(model.dtype).removeprefix('torch.')}", started)
+
+
+def check_memory(name: str, config, device: str, small: bool) -> bool:
+    """Measured peak GPU memory of sampling at [P1]'s sizes and of a LoRA step, against `memory`'s plans."""
+    from probunlearn import memory
+    from probunlearn.models import add_lora, encode_prompt
+    from probunlearn.objectives import StepOutputs
+    from probunlearn.sampling import planned_rows, sample_token_ids
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    if small:
+        config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152})
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    samples, tokens, rows, width = (8, 8, 4, 32) if small else (128, 128, 32, 256)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(FILES_DIR)  # SmolLM2's: token ids below every vocabulary here
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    shape = memory.Shape.of(config, name)
+    questions = [q for q, _ in QA[:2]]
+    cuda = device == "cuda"
+    os.environ["PROBUNLEARN_GPU_MEMORY_GB"] = "24"
+    try:
+        batch = planned_rows(model, tokenizer, questions, [(i, j) for i in range(2) for j in range(samples)], tokens)
+        positions = max(len(encode_prompt(tokenizer, q)) for q in questions) + tokens
+        plan = memory.sampling_plan(shape, rows=min(batch, 2 * samples), positions=positions, rows_per_prompt=samples,
+                                    dtype=dtype)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        sample_token_ids(model, tokenizer, questions, num_samples=samples, max_new_tokens=tokens, seed=0, progress=False)
+        sampled = torch.cuda.max_memory_allocated() if cuda else 0
+    finally:
+        del os.environ["PROBUNLEARN_GPU_MEMORY_GB"]
+    peft_model = add_lora(model, r=32, lora_alpha=64, gradient_checkpointing=True)
+    ids = torch.randint(0, 49152, (rows, width), device=device)
+    labels = ids.clone()
+    labels[:, : width // 2] = -100
+    step_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    train_plan = memory.training_plan(shape, tokens=rows * width, answer_tokens=rows * (width // 2), lora_r=32,
+                                      dtype=dtype, quantization=None, gradient_checkpointing=True)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    peft_model.train()
+    out = StepOutputs(peft_model, {"forget": step_batch})
+    out.nll("forget").backward()
+    trained = torch.cuda.max_memory_allocated() if cuda else 0
+    within = lambda measured, plan: plan.total - memory.OVERHEAD >= measured >= (plan.total - memory.OVERHEAD) / 3
+    ok = (within(sampled, plan) and within(trained, train_plan)) if cuda else batch >= 1
+    gb = lambda b: f"{b / memory.GB:.1f}"
+    detail = (f"{shape.params / 1e9:.2f} B parameters; sampling {len(questions)} x {samples} x {tokens} at the planned "
+              f"batch {batch}: {gb(sampled)} GB measured, plan {gb(plan.total - memory.OVERHEAD)}; LoRA step of "
+              f"{rows} x {width} tokens, checkpointed: {gb(trained)} GB measured, plan "
+              f"{gb(train_plan.total - memory.OVERHEAD)} (plans without the {gb(memory.OVERHEAD)} GB of overhead)")
+    del model, peft_model, out
+    if cuda:
+        torch.cuda.empty_cache()
+    return line(f"memory_{name}", ok, detail, started)
+
+
 def check_speed(model, tokenizer, questions: int, samples: int, tokens: int) -> bool:
     from probunlearn.models import format_prompt
     from probunlearn.sampling import sample_token_ids
@@ -162,9 +328,13 @@ def check_speed(model, tokenizer, questions: int, samples: int, tokens: int) -> 
         new = out[:, batch["input_ids"].shape[1]:]
         generated += int((new != tokenizer.pad_token_id).sum())
     generate_seconds = time.perf_counter() - tick
-    memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if model.device.type == "cuda" else ""
-    return line("speed", True, f"ours {ours_tokens / ours_seconds:.0f} tokens/s, model.generate "
-                f"{generated / generate_seconds:.0f} tokens/s ({questions} x {samples} x {tokens}){memory}", started)
+    cuda = model.device.type == "cuda"
+    memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
+    ours_rate, generate_rate = ours_tokens / ours_seconds, generated / generate_seconds
+    verdict = f"ours {ours_rate / generate_rate:.1f}x generate" if cuda else "not compared in the dry run"
+    return line("speed", ours_rate >= generate_rate or not cuda,
+                f"ours {ours_rate:.0f} tokens/s, model.generate {generate_rate:.0f} tokens/s: {verdict} "
+                f"({questions} x {samples} x {tokens}){memory}", started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,17 +355,30 @@ def main(argv: list[str] | None = None) -> int:
         files = embedded_model_dir()
     import transformers
 
+    global FILES_DIR
+    FILES_DIR = files
     started = time.perf_counter()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     model, tokenizer = build(files, args.device, args.small)
+    dtype = model.dtype
     results = [line("setup", True, f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
                     f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M random weights in {model.dtype}", started)]
     steps = 3 if args.small else 10
     results.append(check_finetune(model, tokenizer, steps))
     if not args.no_4bit:
         results += [check_qlora(model, tokenizer, method, steps) for method in ("ga", "npo")]
-    results += list(check_sampler(model, tokenizer, 400 if args.small else 4000))
+    results.append(check_float16(model, tokenizer, steps))
+    results.append(check_load_model(model, tokenizer, quantized=not args.no_4bit))
+    results.append(check_frozen_trunk(model, tokenizer))
+    results += list(check_sampler(model.float(), tokenizer, 400 if args.small else 4000))
+    model = model.to(dtype)  # back to the GPU's dtype
+    results.append(check_batch_changes(model, tokenizer, 8 if args.small else 64))
     results.append(check_speed(model, tokenizer, *((2, 8, 8) if args.small else (8, 64, 48))))
+    del model
+    from probunlearn.memory import paper_configs
+
+    for name, config in paper_configs().items():
+        results.append(check_memory(name, config, args.device, args.small))
     print(f"gpu_check: {sum(results)} of {len(results)} checks ok in {time.perf_counter() - started:.0f} s")
     return 0 if all(results) else 1
 

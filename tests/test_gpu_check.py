@@ -1,5 +1,6 @@
-"""The one-shot GPU check (benchmarks/gpu_check.py), dry-run on this CPU with a 2-block model of
-SmolLM2's shape: every check runs and passes, one line each."""
+"""The one-shot GPU check (benchmarks/gpu_check.py), dry-run on this CPU with 2-block models of
+SmolLM2's, phi-1.5's and Llama-3.2-1B's shapes: every check runs and passes, one line each (the
+memory and speed comparisons only judge on a GPU)."""
 
 import importlib.util
 
@@ -13,5 +14,7 @@ def test_gpu_check_dry_run_on_cpu(capsys):
     assert gpu_check.main(["--device", "cpu", "--small"]) == 0
     out = capsys.readouterr().out
     checks = [line.split()[1] for line in out.splitlines() if line.startswith("check ")]
-    assert checks == ["setup", "finetune", "qlora_ga", "qlora_npo", "sampler_exact", "sampler_batch", "speed"]
-    assert "FAIL" not in out and "7 of 7 checks ok" in out
+    assert checks == ["setup", "finetune", "qlora_ga", "qlora_npo", "float16", "load_model", "frozen_trunk",
+                      "sampler_exact", "sampler_batch", "batch_changes", "speed", "memory_phi-1.5",
+                      "memory_Llama-3.2-1B"]
+    assert "FAIL" not in out and "13 of 13 checks ok" in out

@@ -103,3 +103,20 @@ def test_05_curves_coverage_and_figures(smoke_run):
     for figure in ("05_claim", "05_per_question", "05_sampled_vs_greedy", "05_leak_at_k", "05_bounds_vs_n", "05_coverage"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 1000, figure
     assert not (smoke_run["figures"] / "05_coverage.png").exists()  # only notebook 07 writes ../figures
+
+
+def test_05_alone_on_an_empty_results_folder_built_what_it_reads(smoke_run):
+    """The smoke run started with notebook 05 alone in an empty folder (conftest's LONE_NOTEBOOK), as a
+    Colab badge opens it: 05 ran notebooks 01-03 itself, finished, and the full run after it found
+    those four up to date and ran only 04, 06 and 07 (not 04 before 05: 05 does not read it)."""
+    executed = smoke_run["results"] / "executed"
+    text = "".join(str(output) for cell in json.loads(smoke_run["executed"]["05_probabilistic_evaluation"].read_text())
+                   ["cells"] for output in cell.get("outputs", []))
+    assert "reads what notebooks 01_data, 02_finetune, 03_ga_baselines write" in text
+    finished = {stem: json.loads((executed / f"{stem}.done.json").read_text())["finished"]
+                for stem in smoke_run["executed"]}
+    assert max(finished[s] for s in ("01_data", "02_finetune", "03_ga_baselines")) <= finished["05_probabilistic_evaluation"]
+    assert finished["05_probabilistic_evaluation"] <= finished["04_entropy_temperature"]  # 04 came after, in the full run
+    log = smoke_run["log"].read_text()
+    for stem in ("01_data", "02_finetune", "03_ga_baselines", "05_probabilistic_evaluation"):
+        assert f"{stem}.ipynb: up to date" in log, stem  # the full run kept what the lone notebook built

@@ -10,11 +10,14 @@ from probunlearn.models import add_lora, encode_qa, load_model
 from probunlearn.training import train_lora
 
 
-def test_4bit_qlora_step_runs_on_cpu():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_4bit_qlora_step_runs_on_cpu(checkpointing):
+    """A QLoRA step on the 4-bit model, also with gradient checkpointing (on by default on a GPU)."""
     pytest.importorskip("bitsandbytes")
     model, tokenizer = load_model(quantization="4bit", device="cpu")
     assert getattr(model, "is_loaded_in_4bit", False)
-    model = add_lora(model, r=4, lora_alpha=8)
+    model = add_lora(model, r=4, lora_alpha=8, gradient_checkpointing=checkpointing)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is checkpointing
     data = fictitious_authors(1, qa_per_author=2, seed=1)
     lora = [p for n, p in model.named_parameters() if "lora_B" in n][0]
     start = lora.detach().clone()

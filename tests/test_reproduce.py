@@ -149,3 +149,46 @@ def test_a_notebook_gets_the_slow_sizes_it_reads_and_a_note_that_says_so(tmp_pat
     nbformat.write(nb, notebooks / "01_reads.ipynb")
     with pytest.raises(ValueError, match="does not declare SIZES_NOTE"):
         run(**kwargs, sizes="slow")
+
+
+def test_a_lone_notebook_knows_which_results_it_lacks_whoever_wrote_the_rest(tmp_path, monkeypatch):
+    """`missing_inputs`: what a notebook reads and is not there, from the first missing notebook on
+    (a later one depends on it); a notebook run by hand, without the engine's stamp, counts as done."""
+    import pytest
+
+    from probunlearn import reproduce
+
+    root = tmp_path / "results"
+    assert reproduce.missing_inputs("05_probabilistic_evaluation.ipynb", "smoke", root) == ["01", "02", "03"]
+    assert reproduce.missing_inputs("01", "smoke", root) == []
+    for number in ("01", "02", "03"):  # what each leaves last, as a hand run leaves it
+        marker = root / "smoke" / reproduce.FINISHED[number]
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("{}")
+    assert reproduce.missing_inputs("05", "smoke", root) == []
+    assert reproduce.missing_inputs("05", "cpu", root) == ["01", "02", "03"]  # another profile's folder
+    assert reproduce.missing_inputs("07", "smoke", root) == ["04", "05", "06"]
+    (root / "smoke" / reproduce.FINISHED["02"]).unlink()
+    assert reproduce.missing_inputs("04", "smoke", root) == ["02", "03"]
+    with pytest.raises(FileNotFoundError, match="02_finetune, 03_ga_baselines"):
+        reproduce.ensure_inputs("04", "smoke", root, build=False)
+    with pytest.raises(ValueError, match="no notebook"):
+        reproduce.missing_inputs("09", "smoke", root)
+    assert set(reproduce.NEEDS) == {nb.name[:2] for nb in reproduce.notebooks()}  # every notebook is listed
+
+
+def test_colab_keeps_results_on_drive_when_mounted_and_nowhere_else(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from probunlearn import reproduce
+
+    assert reproduce.colab_folders("../results", "../figures") == ("../results", "../figures")  # not on Colab
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(reproduce, "DRIVE_FOLDER", tmp_path / "drive" / "MyDrive" / "probunlearn")
+    monkeypatch.setattr(reproduce, "COLAB_CLONE", tmp_path / "clone")
+    assert reproduce.colab_folders("../results", "../figures") == (str(tmp_path / "clone" / "results"),
+                                                                  str(tmp_path / "clone" / "figures"))  # no Drive
+    (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
+    assert reproduce.colab_folders("../results", "../figures")[0] == str(reproduce.DRIVE_FOLDER / "results")
+    assert reproduce.colab_folders("../results", "../figures", drive=False)[0] == str(tmp_path / "clone" / "results")

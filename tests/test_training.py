@@ -52,3 +52,24 @@ def test_finetune_saves_and_reuses_only_with_the_same_settings(tmp_path, capsys)
     assert len(other) == 2
     _, _, other_data = finetune(fictitious_authors(1, qa_per_author=2, seed=6), tmp_path / "ft", **{**settings, "epochs": 2})
     assert "reusing" not in capsys.readouterr().out and other_data[0]["loss"] != other[0]["loss"]
+
+
+def test_micro_batches_take_the_step_of_the_whole_batch(tiny):
+    """`micro_batch_size` (relearning on a GPU): the parts' gradients, weighted by their answer
+    tokens, add up to the whole batch's, so the adapter after a few steps is the same."""
+    from datasets import Dataset
+
+    from probunlearn.unlearning import adapter_state
+    from tiny_unlearning import FORGET, RETAIN, fresh
+
+    data = Dataset.from_list(FORGET + RETAIN)  # answers of different lengths
+    states = []
+    for micro in (None, 3):
+        model, tokenizer = fresh(tiny)
+        log = train_lora(model, tokenizer, data, epochs=3, learning_rate=1e-2, batch_size=len(data),
+                         micro_batch_size=micro, progress=False)
+        states.append((adapter_state(model), [row["loss"] for row in log]))
+    (whole, whole_loss), (parts, parts_loss) = states
+    assert parts_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-6) for k in whole)
+    assert any((whole[k] != 0).any() for k in whole if "lora_B" in k)  # it did train

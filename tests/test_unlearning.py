@@ -93,3 +93,50 @@ def test_stop_when_ends_the_run_at_an_evaluation(tiny):
     run = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=2, learning_rate=1e-2, batch_size=2,
                   evaluate=lambda m: {"x": 1.0}, stop_when=lambda trace: False, progress=False)
     assert run.stopped_at is None and len(run.log) == 2
+
+
+def test_large_adapters_are_checkpointed_to_disk_and_read_back_the_same(tiny, monkeypatch):
+    """`unlearn` keeps the checkpoints of an adapter above `DISK_CHECKPOINT_BYTES` in files (the
+    paper profile's adapters), and reading one back gives the state kept in memory otherwise."""
+    from probunlearn import unlearning
+
+    runs = {}
+    for keep in ("memory", "disk"):
+        model, tokenizer = fresh(tiny)
+        runs[keep] = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=4, learning_rate=1e-2, batch_size=2,
+                             eval_every=2, evaluate=lambda m: {"x": 0.0}, keep_checkpoints=keep, progress=False)
+    memory_run, disk_run = runs["memory"], runs["disk"]
+    assert isinstance(disk_run.checkpoints, unlearning.DiskCheckpoints) and isinstance(memory_run.checkpoints, dict)
+    assert list(disk_run.checkpoints) == list(memory_run.checkpoints) == [0, 2, 4]
+    for step in (0, 2, 4):
+        assert all(torch.equal(memory_run.checkpoints[step][k], v) for k, v in disk_run.checkpoints[step].items())
+    folder = disk_run.checkpoints.folder
+    assert len(list(folder.glob("*.safetensors"))) == 3
+    monkeypatch.setattr(unlearning, "DISK_CHECKPOINT_BYTES", 0)  # the automatic choice: any adapter is "large"
+    model, tokenizer = fresh(tiny)
+    auto = unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=2, learning_rate=1e-2, batch_size=2,
+                   evaluate=lambda m: {"x": 0.0}, progress=False)
+    assert isinstance(auto.checkpoints, unlearning.DiskCheckpoints)
+    del disk_run, runs, auto
+    import gc
+
+    gc.collect()
+    assert not folder.exists()  # removed with the run
+
+
+def test_gradient_checkpointing_takes_the_same_steps(tiny):
+    """`start_unlearning(gradient_checkpointing=...)` (on by default on a GPU): recomputing the
+    blocks in the backward pass gives the adapter the same updates."""
+    from probunlearn.models import add_lora
+
+    states = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(__import__("copy").deepcopy(tiny["model"]), r=4, lora_alpha=8,
+                         gradient_checkpointing=checkpointing)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is checkpointing
+        unlearn(model, tiny["tokenizer"], FORGET, RETAIN, method="npo", steps=3, learning_rate=1e-2, batch_size=2,
+                progress=False)
+        states.append(adapter_state(model))
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+    assert any((v != 0).any() for k, v in states[0].items() if "lora_B" in k)

@@ -15,6 +15,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from probunlearn.hardware import model_device
 from probunlearn.models import adapter_base, add_lora, load_adapter, load_model, merge_adapter
 from probunlearn.probabilistic import evaluate_model, question_cells, spread_subset
 from probunlearn.quantization import quantization_code_change, quantized_copies, quantized_copy
@@ -57,13 +58,22 @@ def attack_runs(results: str | Path, base_model: str, names: Sequence[str], seed
     return models["target"][None], [run for name in names for run in runs if run[0] == name]
 
 
+RELEARN_MICRO_BATCH = 8  # rows per part of a relearning step on a GPU (`train_lora`'s micro_batch_size)
+
+
 def relearned(model, tokenizer, relearn_set, *, steps: int, learning_rate: float, lora_r: int,
-              top_layers: int | None, seed: int):
+              top_layers: int | None, seed: int, micro_batch_size: int | None = None):
     """The relearning attack: a fresh LoRA adapter (rank `lora_r`, alpha 2r) on `model` itself,
-    trained for `steps` AdamW steps on all of `relearn_set` at once, merged."""
-    model = add_lora(model, r=lora_r, lora_alpha=2 * lora_r, top_layers=top_layers)
+    trained for `steps` AdamW steps on all of `relearn_set` at once, merged. `micro_batch_size`:
+    each step in parts of this many rows, gradients added (default: `RELEARN_MICRO_BATCH` on a GPU,
+    with gradient checkpointing, where the paper profile's 200 questions in one pass plan far past
+    24 GB, `memory`; the whole set at once on a CPU, as the cpu results were made)."""
+    gpu = model_device(model).type == "cuda"
+    if micro_batch_size is None and gpu:
+        micro_batch_size = RELEARN_MICRO_BATCH
+    model = add_lora(model, r=lora_r, lora_alpha=2 * lora_r, top_layers=top_layers, gradient_checkpointing=gpu)
     train_lora(model, tokenizer, relearn_set, epochs=steps, learning_rate=learning_rate,
-               batch_size=len(relearn_set), seed=seed, progress=False)
+               batch_size=len(relearn_set), seed=seed, micro_batch_size=micro_batch_size, progress=False)
     return merge_adapter(model)
 
 

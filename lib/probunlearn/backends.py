@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from probunlearn import vllm_backend
-from probunlearn.hardware import default_device, default_dtype
+from probunlearn.hardware import default_device, precision
 from probunlearn.models import load_model, load_tokenizer
 
 SAMPLERS = ("ours", "vllm")
@@ -28,7 +28,8 @@ def load_sampler(path, *, sampler: str = "ours", quantization: str | None = None
     if sampler == "ours":
         return load_model(path, quantization=quantization, dtype=dtype)
     tokenizer = load_tokenizer(path)
-    name = str(dtype or default_dtype(default_device())).removeprefix("torch.")  # the weights ours would use
+    # the weights ours would use (float16 on a GPU below compute capability 8.0, where vLLM refuses bfloat16)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else precision(default_device()).vllm
     engine = vllm_backend.shared_sampler(path, tokenizer, quantization=quantization,
                                          tensor_parallel_size=tensor_parallel_size,
                                          data_parallel_size=data_parallel_size, lora=lora, dtype=name)

@@ -1,13 +1,16 @@
 """The machine a run is on: its device and default dtype, what its CPU multiplies fast, float32 products
 through oneDNN, and the one-line description that every reported time carries.
 
-Default dtype (when `dtype=None`): bfloat16 on a CUDA GPU that supports it (else float16), bfloat16
+Default dtype (when `dtype=None`): bfloat16 on a CUDA GPU that computes it natively (compute
+capability >= 8.0: Ampere and later), float16 below that (a T4, Colab's free GPU: 7.5), bfloat16
 on a CPU with AMX matrix units (about 4x faster than fp32 there) or with AVX512-BF16 where a
 one-off measurement finds its products >= 1.25x faster than float32 (`cpu_has_bf16`: so on an AMD
 EPYC Zen 5, not on a Xeon VM without AMX, where they are ~1.8x slower), else float32 (on an
 AVX2-only CPU bfloat16 is emulated, ~50x slower).
-`PROBUNLEARN_DTYPE` overrides the choice. LoRA adapter weights stay in float32 (peft upcasts them),
-so training is stable in bf16.
+`PROBUNLEARN_DTYPE` overrides the choice. `precision(device)` gives the whole plan a run follows
+from it: the frozen weights' dtype, the trained weights' and the optimiser's (always float32: peft
+upcasts LoRA adapters, full fine-tuning keeps float32 weights), the products of a training step, the
+loss scaling float16 needs, and the dtype vLLM is given.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,8 +136,67 @@ def default_dtype(device: str) -> torch.dtype:
             raise ValueError(f"PROBUNLEARN_DTYPE={forced!r} is not a torch dtype; use e.g. float32 or bfloat16")
         return dtype
     if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if gpu_has_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores multiply bfloat16
+
+
+def gpu_has_bf16(device: str = "cuda") -> bool:
+    """True on a GPU of compute capability >= 8.0. `torch.cuda.is_bf16_supported()` is not the test:
+    it also answers True where bfloat16 is emulated (a T4, 7.5), which is slow there and which
+    PyTorch's fast attention kernels do not take."""
+    return tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes of a run on one device (`precision`).
+
+    weights: the frozen weights of every model we load (`models.load_model`'s default).
+    trained: the weights a step updates (LoRA adapters: peft upcasts them; full fine-tuning:
+        `unlearning.start_full_unlearning` loads float32) and so the optimiser's state: float32
+        everywhere, because an AdamW update of lr 1e-5 is below half a unit in the last place of a
+        bfloat16 weight and rounds away.
+    autocast: the dtype of a training step's products when the trained weights are float32 and
+        the device has a faster one (full fine-tuning, `unlearning.full_tuning_dtype`), else None.
+    loss_scaling: float16 products: gradients below 6e-8 flush to zero (2^-24), so a training step
+        scales the loss up and unscales the gradients (`torch.amp.GradScaler`, `loss_scaler`);
+        bfloat16 has float32's range and needs none.
+    vllm: the `dtype` vLLM is started with: the weights' (vLLM refuses bfloat16 below compute
+        capability 8.0, so a T4 gets "float16").
+    """
+
+    weights: torch.dtype
+    trained: torch.dtype
+    autocast: torch.dtype | None
+    loss_scaling: bool
+    vllm: str
+
+
+def precision(device: str) -> Precision:
+    """The dtypes a run on `device` uses (see `Precision`): bfloat16 weights where the hardware
+    multiplies bfloat16 natively (a GPU of compute capability >= 8.0; a CPU with AMX, or with
+    AVX512-BF16 measured faster); on an older GPU (a T4) float16 weights with float32 adapters and
+    loss scaling, the mixed precision of the QLoRA paper's consumer-GPU setting, rather than float32
+    weights (twice the memory and no tensor cores) or emulated bfloat16; else float32. Follows
+    `PROBUNLEARN_DTYPE` where it is set."""
+    weights = default_dtype(device)
+    low = weights in (torch.bfloat16, torch.float16)
+    return Precision(weights=weights, trained=torch.float32, autocast=weights if low else None,
+                     loss_scaling=weights == torch.float16, vllm=str(weights).removeprefix("torch."))
+
+
+def loss_scaler(model, compute_dtype: torch.dtype | None = None) -> "torch.amp.GradScaler":
+    """A `torch.amp.GradScaler` for a training loop on `model`: enabled where a step computes in
+    float16 (float16 weights, or `compute_dtype` float16), otherwise a pass-through (its `scale`,
+    `step` and `update` then do what plain `backward` and `optimizer.step` would). With it, a step
+    whose scaled gradients overflowed is skipped and the scale halved; the first steps of a run
+    may be skipped while the scale settles (it starts at 2^16)."""
+    device = model_device(model)
+    float16 = compute_dtype == torch.float16 or any(p.dtype == torch.float16 for p in model.parameters())
+    return torch.amp.GradScaler(device.type, enabled=float16)
 
 
 # ----------------------------------------------------------------------------- faster float32 products on a CPU

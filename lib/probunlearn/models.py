@@ -209,14 +209,20 @@ def num_layers(model) -> int:
 
 
 def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
-             target_modules: str | Sequence[str] = "all-linear", top_layers: int | None = None):
+             target_modules: str | Sequence[str] = "all-linear", top_layers: int | None = None,
+             gradient_checkpointing: bool = False):
     """Wrap `model` with a fresh trainable LoRA adapter (peft). For a 4-bit model this first runs
     `prepare_model_for_kbit_training` (QLoRA, Dettmers et al. 2023).
 
     `top_layers`: put the adapter on the last `top_layers` transformer blocks only (None: on every
     block). Backpropagation then stops at the lowest adapted block, so a training step skips the
     backward pass of the blocks below: with 15 of SmolLM2's 30 blocks a CPU step takes ~0.7x the time
-    (`benchmarks/training.py`)."""
+    (`benchmarks/training.py`).
+
+    `gradient_checkpointing`: keep only each block's input for the backward pass and recompute the
+    rest (transformers' checkpointing, non-reentrant): ~1.3x the compute of a step, a fraction of
+    its activation memory (`memory.training_plan`: phi-1.5's largest QLoRA step of the paper profile
+    plans 110 GB without, 21.5 GB with). The same gradients."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     layers = None
@@ -229,6 +235,12 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
             target_modules = _linear_module_names(model)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(keep_4bit_layout(model), use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        checkpointing = {"use_reentrant": False}  # no inputs that require grad needed; frozen blocks below are fine
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
     with _quiet_peft():

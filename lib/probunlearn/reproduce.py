@@ -16,6 +16,11 @@ order with papermill, then the time per notebook.
   `--sizes full` or `slow` chooses). The run prints the rate and every changed setting, and each
   notebook that reads one receives them in `SIZES_NOTE` and prints it; the executed notebooks
   record the settings they ran with.
+- **A notebook alone** (`ensure_inputs`, the first thing notebooks 02-07 do). A notebook opened on
+  its own (a Colab badge starts a fresh machine; a student who skipped ahead) finds the results of
+  the notebooks it reads missing, and builds them by running those notebooks headlessly with this
+  engine, at its own profile, with the expected time and a progress bar. On Colab the results can
+  live on Google Drive (`colab_folders`), so that the next notebook's runtime finds them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,16 +38,27 @@ from jupyter_client import AsyncKernelManager
 from traitlets import default
 
 from probunlearn.hardware import default_dtype, describe_machine, matrix_gflops
+from probunlearn.results import ARTEFACTS
 from probunlearn.utils import PROFILES, load_profile, results_dir
 from probunlearn.vllm_backend import vllm_available
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(__file__).resolve().parent
+COLAB_CLONE = Path("/content/probunlearn")  # where a notebook's first cell clones the repository on Colab
 
 
-def notebooks(folder: Path = ROOT / "notebooks") -> list[Path]:
-    """The numbered notebooks of `folder`, in the order they run."""
-    return sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+def notebook_folder() -> Path:
+    """The repository's notebooks/: beside the package's source (a clone, or an editable install), or,
+    for a package installed from a clone (on Colab, the first cell's), in that clone (`COLAB_CLONE`)."""
+    for folder in (ROOT / "notebooks", COLAB_CLONE / "notebooks"):
+        if folder.is_dir():
+            return folder
+    return ROOT / "notebooks"
+
+
+def notebooks(folder: Path | None = None) -> list[Path]:
+    """The numbered notebooks of `folder` (default: `notebook_folder()`), in the order they run."""
+    return sorted(Path(folder or notebook_folder()).glob("[0-9][0-9]_*.ipynb"))
 
 
 SIZES = ("auto", "full", "slow")
@@ -168,7 +185,7 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
     executed = results_dir(profile, results_root) / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     code = source_hash()
-    todo = notebooks(notebook_dir or ROOT / "notebooks")
+    todo = notebooks(notebook_dir)
     chosen = [nb for nb in todo if not only or any(nb.name.startswith(o) for o in only)]
     settings = load_profile(profile)
     check_sampler(settings)
@@ -209,6 +226,92 @@ def run(profile: str = "cpu", only: list[str] | None = None, results_root: Path 
           f"{sum(r['seconds'] for r in report.values()) / 60:.1f} min")
     print(f"figures and tables: {figures_dir}")
     return report
+
+
+# ----------------------------------------------------------------------------- a notebook on its own
+# The notebooks whose results each notebook reads (by number), and what each leaves last in the
+# results folder, whether the engine or a person ran it: the sign that it finished.
+NEEDS = {"01": (), "02": ("01",), "03": ("01", "02"), "04": ("01", "02", "03"), "05": ("01", "02", "03"),
+         "06": ("01", "02", "03"), "07": ("01", "02", "03", "04", "05", "06")}
+FINISHED = {"01": "data/stats.json", "02": ARTEFACTS["finetune_summary"], "03": ARTEFACTS["unlearning_summary"],
+            "04": ARTEFACTS["entropy_summary"], "05": ARTEFACTS["probabilistic_summary"],
+            "06": ARTEFACTS["attacks_summary"]}
+# Minutes per notebook, measured (what `ensure_inputs` announces), on a 2-core AMD EPYC Zen 4 in
+# bfloat16, 2026-12-05: smoke from `make test` (one thread, beside the tofu-smoke run), cpu from
+# `make reproduce` (notebook 02 with its training). An AVX2-only CPU takes about 1.5x; the paper
+# profile has no measured times (no GPU has run it).
+EXPECTED_MINUTES = {
+    "smoke": {"01": 0.2, "02": 2.1, "03": 3.2, "04": 2.2, "05": 1.4, "06": 1.0, "07": 0.3},
+    "cpu": {"01": 0.2, "02": 5.3, "03": 15.4, "04": 11.8, "05": 22.3, "06": 5.8, "07": 0.2},
+}
+DRIVE_FOLDER = Path("/content/drive/MyDrive/probunlearn")  # results/ and figures/ on a mounted Google Drive
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def colab_folders(results_root: str | os.PathLike, figures_dir: str | os.PathLike, *,
+                  drive: bool = True) -> tuple[str, str]:
+    """Where a notebook keeps `results/` and `figures/`: as given, except on Colab (whose working
+    folder is /content): on Google Drive (`DRIVE_FOLDER`) when `drive` and Drive is mounted, so that a
+    notebook opened later from its own badge, on a fresh runtime, finds the earlier results there;
+    else in the repository's clone (lost with the runtime)."""
+    if not on_colab():
+        return str(results_root), str(figures_dir)
+    root = DRIVE_FOLDER if drive and DRIVE_FOLDER.parent.exists() else COLAB_CLONE
+    (root / "results").mkdir(parents=True, exist_ok=True)
+    print(f"results and figures: {root} ({'Google Drive' if root == DRIVE_FOLDER else 'this runtime only'})")
+    return str(root / "results"), str(root / "figures")
+
+
+def missing_inputs(notebook: str, profile: str, results_root: str | os.PathLike) -> list[str]:
+    """The numbers of the notebooks that `notebook` ("05", or a name starting with it) reads and that
+    have not finished for `profile` in `results_root` (`FINISHED`), with every notebook after the
+    first missing one that it also reads (their results depend on it)."""
+    number = Path(str(notebook)).name[:2]
+    if number not in NEEDS:
+        raise ValueError(f"no notebook {notebook!r}: expected one of {', '.join(NEEDS)}")
+    results = Path(results_root) / profile
+    needed = NEEDS[number]
+    first = next((i for i, n in enumerate(needed) if not (results / FINISHED[n]).exists()), None)
+    return [] if first is None else list(needed[first:])
+
+
+def ensure_inputs(notebook: str, profile: str, results_root: str | os.PathLike, *, figures_dir=None,
+                  sizes: str = "auto", build: bool = True) -> Path:
+    """Check that the results `notebook` reads are there for `profile`, and build the missing ones by
+    running the notebooks that write them (`run`, the engine of `make reproduce`: the same settings,
+    so a later `make reproduce` keeps them), with the expected time and a progress bar. Returns the
+    results folder, `results_root/<profile>`. `build=False` raises instead, naming the notebooks to run."""
+    from tqdm.auto import tqdm
+
+    results_root = Path(results_root).resolve()  # the engine's own form, so `make reproduce` keeps what this builds
+    figures_dir = Path(figures_dir).resolve() if figures_dir is not None else None
+    missing = missing_inputs(notebook, profile, results_root)
+    results = results_dir(profile, results_root)
+    if not missing:
+        return results
+    names = {nb.name[:2]: nb.stem for nb in notebooks()}
+    if not names:
+        raise FileNotFoundError(f"{notebook_folder()} has no notebooks to build the inputs with: install the "
+                                "package from a clone of the repository (on Colab, the first cell does)")
+    listed = ", ".join(names[n] for n in missing)
+    if not build:
+        raise FileNotFoundError(f"{results} lacks what notebooks {listed} write: run them first (profile {profile})")
+    minutes = EXPECTED_MINUTES.get(profile, {})
+    expected = (f"about {sum(minutes[n] for n in missing):.0f} min on a 2-core CPU"
+                if all(n in minutes for n in missing) else "no measured time for this profile")
+    print(f"{Path(str(notebook)).name[:2]} reads what notebooks {listed} write, and {results} lacks it: running "
+          f"them now on profile {profile} ({expected}; once: later notebooks find them there)", flush=True)
+    bar = tqdm(total=sum(minutes.get(n, 1.0) for n in missing), desc="building inputs", unit="min",
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} expected min [{elapsed}]")
+    for number in missing:
+        bar.set_postfix_str(names[number])
+        run(profile, only=[number], results_root=results_root, figures_dir=figures_dir, sizes=sizes, progress=False)
+        bar.update(minutes.get(number, 1.0))
+    bar.close()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

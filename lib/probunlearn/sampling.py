@@ -242,6 +242,25 @@ def _check_common(questions, max_new_tokens: int) -> list[str]:
 GREEDY = -1  # the sample index of a greedy row
 
 
+def planned_rows(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], max_new_tokens: int,
+                 budget: int | None = None) -> int:
+    """The batch (rows decoded together) for sampling `rows` of `questions` with `model`: the largest
+    whose peak memory (`memory.sampling_plan`: weights, the key/value cache of the longest prompt plus
+    `max_new_tokens`, the draw) fits `budget` bytes (default `memory.gpu_budget`: a setting, or
+    what the GPU has free beside the loaded weights). It changes speed and memory, not the answers."""
+    from probunlearn import memory
+
+    shape = memory.shape_of(model)
+    quantization = "4bit" if getattr(model, "is_loaded_in_4bit", False) else None
+    dtype = getattr(model, "dtype", torch.float32)
+    if budget is None:
+        budget = memory.gpu_budget(model_device(model), loaded=shape.weight_bytes(dtype, quantization))
+    asked = sorted({i for i, _ in rows})
+    width = max(len(encode_prompt(tokenizer, questions[i])) for i in asked) + max_new_tokens
+    return memory.sampling_rows(shape, positions=width, budget=budget, rows_per_prompt=len(rows) / len(asked),
+                                dtype=dtype, quantization=quantization)
+
+
 def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *, max_new_tokens: int, seed: int,
          temperature: float, top_p: float, logits_processors, batch_size: int, progress: bool,
          desc: str, step_observer: StepObserver | None = None) -> list[list[int]]:
@@ -249,6 +268,8 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
     order of `rows`, decoded in batches of up to `batch_size` consecutive rows."""
     reuse_freed_memory()
     prompts = {}
+    if batch_size is None:  # a GPU: the largest batch whose memory plan fits what is free
+        batch_size = planned_rows(model, tokenizer, questions, rows, max_new_tokens)
     eos_ids = _eos_ids(model, tokenizer)
     result: list[list[int]] = [[] for _ in rows]
     bar = tqdm(total=len(rows), desc=desc, unit="answer", disable=not progress, leave=False)
@@ -383,7 +404,8 @@ def sample_answers(model, tokenizer, questions: Sequence[str], *, num_samples: i
     question is a pure function of (model, seed, question text, j). logits_processors: callables
     `(input_ids, scores) -> scores` applied to the raw float32 logits, before temperature and
     top-p (see the module docstring). batch_size: answers decoded together (default 512 on a
-    CPU, 2048 on a GPU); it changes speed and memory, not the answers (see the bfloat16 caveat in
+    CPU; on a GPU the most whose memory plan fits, `planned_rows`, up to 2048); it changes speed
+    and memory, not the answers (see the bfloat16 caveat in
     the module docstring). Shows a progress bar unless progress=False.
     """
     ids = sample_token_ids(model, tokenizer, questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
@@ -437,13 +459,16 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens
     with full_precision(model):
         ids = _run(model, tokenizer, questions, [(i, GREEDY) for i in range(len(questions))],
                    max_new_tokens=int(max_new_tokens), seed=0, temperature=0.0, top_p=1.0, logits_processors=[],
-                   batch_size=batch_size, progress=progress and len(questions) > batch_size, desc="greedy")
+                   batch_size=batch_size, progress=progress and (batch_size is None or len(questions) > batch_size),
+                   desc="greedy")
     return answer_texts(tokenizer, ids)
 
 
-def _check_batch_size(batch_size, model) -> int:
+def _check_batch_size(batch_size, model) -> int | None:
+    """A checked `batch_size`; None (the default) is `DEFAULT_ROWS` on a CPU and stays None on a GPU,
+    where `_run` plans it from memory (`planned_rows`)."""
     if batch_size is None:
-        return DEFAULT_ROWS if model_device(model).type == "cpu" else 4 * DEFAULT_ROWS
+        return DEFAULT_ROWS if model_device(model).type == "cpu" else None
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     return int(batch_size)

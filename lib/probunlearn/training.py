@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probunlearn.answers import FrozenTrunk, answer_loss
-from probunlearn.hardware import model_device
+from probunlearn.hardware import loss_scaler, model_device
 from probunlearn.models import (AnswerOnlyCollator, META_FILE, add_lora, format_prompt, load_model, load_tokenizer,
                                 save_adapter, training_attention)
 from probunlearn.utils import load_json, save_json, set_seed
@@ -26,11 +26,17 @@ from probunlearn.utils import load_json, save_json, set_seed
 
 def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, batch_size: int,
                seed: int = 0, max_length: int | None = None, warmup_ratio: float = 0.05,
-               weight_decay: float = 0.0, progress: bool = True, desc: str = "fine-tune") -> list[dict]:
+               weight_decay: float = 0.0, micro_batch_size: int | None = None, progress: bool = True,
+               desc: str = "fine-tune") -> list[dict]:
     """Minimise the answer-only NLL of `dataset` over the trainable (LoRA) parameters of `model`.
-    AdamW with linear warm-up and decay. Returns the loss log: one dict per optimiser step.
+    AdamW with linear warm-up and decay; with float16 weights the loss is scaled
+    (`hardware.loss_scaler`). Returns the loss log: one dict per optimiser step.
     The blocks below the adapter run once per example (`answers.FrozenTrunk`), the output head on
-    answer positions only (`answers.answer_loss`)."""
+    answer positions only (`answers.answer_loss`). `micro_batch_size`: run each batch in parts of
+    this many rows and add their gradients, each part's loss weighted by its share of the batch's
+    answer tokens: the step of the whole batch (up to rounding), with the activations of one part in
+    memory (`memory.training_plan`: relearning on 200 TOFU questions at once plans 264 GB for
+    phi-1.5). None: the whole batch at once."""
     if not hasattr(model, "peft_config"):
         raise ValueError("train_lora trains a LoRA adapter and the model has none: wrap it with "
                          "probunlearn.models.add_lora first")
@@ -47,6 +53,7 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     device = model_device(model)
     trunk = FrozenTrunk(model)
+    scaler = loss_scaler(model)  # float16 weights (a T4): the loss is scaled so small gradients survive
     model.train()
     log, step, start = [], 0, time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress)
@@ -54,12 +61,20 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
         for epoch in range(epochs):
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = answer_loss(model, batch, trunk)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
-                loss.backward()
+                answers = int((batch["labels"][:, 1:] != -100).sum())
+                loss = 0.0
+                for part in micro_batches(batch, micro_batch_size):
+                    share = int((part["labels"][:, 1:] != -100).sum()) / answers
+                    part_loss = answer_loss(model, part, trunk) * share
+                    if not math.isfinite(part_loss.item()):
+                        raise FloatingPointError(f"{desc}: loss became {part_loss.item()} at step {step}; "
+                                                 "lower the learning rate")
+                    scaler.scale(part_loss).backward()
+                    loss += part_loss.detach()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -70,6 +85,18 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
     bar.close()
     model.eval()
     return log
+
+
+def micro_batches(batch: dict, size: int | None):
+    """The rows of a collated batch in consecutive parts of at most `size` rows (None: the batch)."""
+    rows = len(batch["input_ids"])
+    if size is None or size >= rows:
+        yield batch
+        return
+    if size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {size}")
+    for start in range(0, rows, size):
+        yield {k: v[start:start + size] for k, v in batch.items()}
 
 
 def data_fingerprint(dataset) -> str:
@@ -102,7 +129,8 @@ def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m",
             return model, tokenizer, load_json(out_dir / "train_log.json")
     set_seed(seed)
     model, tokenizer = load_model(base, quantization=quantization)
-    model = add_lora(model, r=lora_r, lora_alpha=lora_alpha, top_layers=lora_top_layers)
+    model = add_lora(model, r=lora_r, lora_alpha=lora_alpha, top_layers=lora_top_layers,
+                     gradient_checkpointing=model_device(model).type == "cuda")  # memory, where it is short
     log = train_lora(model, tokenizer, dataset, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                      seed=seed, max_length=max_length, progress=progress, desc=desc)
     save_adapter(model, out_dir, base=base, extra={"settings": settings, "num_examples": len(dataset)})

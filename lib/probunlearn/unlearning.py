@@ -26,15 +26,20 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from probunlearn.answers import FrozenTrunk
-from probunlearn.hardware import default_dtype, model_device
+from probunlearn.hardware import loss_scaler, model_device, precision
 from probunlearn.models import AnswerOnlyCollator, add_lora, encode_qa, load_model, training_attention
 from probunlearn.objectives import StepOutputs, check_hparams, method_objective
 from probunlearn.utils import set_seed
@@ -69,32 +74,80 @@ def _cycle(dataset, batch_size: int, seed: int):
             yield [records[i] for i in order[start:start + batch_size]]
 
 
+# ----------------------------------------------------------------------------- checkpoints
+DISK_CHECKPOINT_BYTES = 32 * 2**20  # adapters larger than this are checkpointed to disk (`unlearn`)
+
+
+class DiskCheckpoints(MutableMapping):
+    """Checkpoints {step: adapter state} kept as safetensors files in a temporary folder (removed
+    with this object) and read back when asked for: a run's host memory then holds one state at a
+    time. On the paper profile an adapter of phi-1.5 (r = 32, every linear layer) is ~110 MB, and
+    notebook 03 evaluates 13 times in each of 18 runs: ~25 GB in memory."""
+
+    def __init__(self):
+        from safetensors.torch import load_file, save_file
+
+        self._save, self._load = save_file, load_file
+        self.folder = Path(tempfile.mkdtemp(prefix="probunlearn-checkpoints-"))
+        self._steps: list[int] = []
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def _path(self, step: int) -> Path:
+        return self.folder / f"step{int(step)}.safetensors"
+
+    def __setitem__(self, step: int, state: Mapping[str, torch.Tensor]) -> None:
+        self._save({k: v.contiguous() for k, v in state.items()}, str(self._path(step)))
+        if step not in self._steps:
+            self._steps.append(step)
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        if step not in self._steps:
+            raise KeyError(step)
+        return self._load(str(self._path(step)))
+
+    def __delitem__(self, step: int) -> None:
+        self._steps.remove(step)
+        self._path(step).unlink()
+
+    def __iter__(self):
+        return iter(list(self._steps))
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
 # ----------------------------------------------------------------------------- the loop
 @dataclass
 class UnlearningRun:
     """What `unlearn` returns. `log`: one dict per optimiser step (loss and its terms);
     `trace`: one dict per evaluation (step 0 = the target); `checkpoints`: a CPU copy of the
-    adapter's trainable tensors at each evaluated step (for early stopping); `stopped_at`: the step
-    where `stop_when` ended the run early (None: it ran every step)."""
+    adapter's trainable tensors at each evaluated step (for early stopping; a `DiskCheckpoints` for
+    large adapters); `stopped_at`: the step where `stop_when` ended the run early (None: it ran
+    every step)."""
 
     method: str
     hparams: dict
     log: list[dict] = field(default_factory=list)
     trace: list[dict] = field(default_factory=list)
-    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    checkpoints: MutableMapping[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     seconds: float = 0.0
     stopped_at: int | None = None
 
 
 def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8,
                      lora_alpha: int | None = None, lora_top_layers: int | None = None, dtype=None,
-                     device: str | None = None, seed: int = 0):
+                     device: str | None = None, gradient_checkpointing: bool | None = None, seed: int = 0):
     """The fine-tuned target (`results/<profile>/models/target`, merged) with a fresh LoRA adapter
     (QLoRA when `quantization="4bit"`; on the last `lora_top_layers` blocks only, see
-    `models.add_lora`). Returns `(model, tokenizer)`."""
+    `models.add_lora`). `gradient_checkpointing`: None turns it on on a GPU (the paper profile's
+    steps need it to fit 24 GB, `memory`), off on a CPU, where memory is not what limits a run.
+    Returns `(model, tokenizer)`."""
     set_seed(seed)
     model, tokenizer = load_model(target, quantization=quantization, dtype=dtype, device=device)
-    return add_lora(model, r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, top_layers=lora_top_layers), tokenizer
+    if gradient_checkpointing is None:
+        gradient_checkpointing = model_device(model).type == "cuda"
+    return add_lora(model, r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, top_layers=lora_top_layers,
+                    gradient_checkpointing=gradient_checkpointing), tokenizer
 
 
 def start_full_unlearning(target, *, device: str | None = None, seed: int = 0):
@@ -113,9 +166,10 @@ def start_full_unlearning(target, *, device: str | None = None, seed: int = 0):
 
 def full_tuning_dtype(model) -> torch.dtype | None:
     """The `compute_dtype` for `unlearn` on a `start_full_unlearning` model: the device's fast dtype
-    (`hardware.default_dtype`: bfloat16 where the CPU computes it natively) when it differs from
-    the float32 weights, else None (plain float32 steps)."""
-    fast = default_dtype(model_device(model).type)
+    (`hardware.precision(...).autocast`: bfloat16 where the CPU or GPU computes it natively, float16
+    on an older GPU, where `unlearn` scales the loss) when it differs from the float32 weights, else
+    None (plain float32 steps)."""
+    fast = precision(model_device(model).type).autocast
     return fast if fast != next(model.parameters()).dtype else None
 
 
@@ -171,7 +225,7 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
             batch_size: int, hparams: Mapping | None = None, eval_every: int = 0, eval_at: Sequence[int] = (),
             evaluate: Callable | None = None, initial_evaluation: dict | None = None,
             regularisers: Sequence[Callable] = (), mismatch_per_prompt: int = 2, mismatch_pool=None,
-            keep_checkpoints: bool = True, max_length: int | None = None, pad_to: int | None = None,
+            keep_checkpoints: bool | str = True, max_length: int | None = None, pad_to: int | None = None,
             trunk: FrozenTrunk | None = None, compute_dtype: torch.dtype | None = None,
             stop_when: Callable[[list[dict]], bool] | None = None, seed: int = 0, progress: bool = True,
             desc: str | None = None) -> UnlearningRun:
@@ -186,7 +240,8 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     `evaluate(model) -> dict` runs before the first step (or `initial_evaluation` is used: the
     step-0 model is the target, the same for every method), every `eval_every` steps, at the steps
     listed in `eval_at`, and after the last; each evaluation is a row of `trace`, and a copy of the
-    adapter is kept with it.
+    adapter is kept with it (`keep_checkpoints`: True keeps it in memory, or on disk when the
+    trainable weights exceed `DISK_CHECKPOINT_BYTES`; "disk" or "memory" choose; False keeps none).
     `regularisers`: callables `fn(out: StepOutputs) -> {name: tensor}` added to the loss (their
     `uses` and `full_logits` attributes name the batches they read and those they need the logits of
     every position of). `pad_to`: pad every batch to this many positions ([P1]'s code pads to 256;
@@ -197,7 +252,9 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     `compute_dtype`: run each step's forward and backward under `torch.autocast` in this dtype while
     the trained weights stay in theirs (full fine-tuning, `start_full_unlearning`: float32 weights,
     bfloat16 products; in bfloat16 weights an AdamW update of lr 1e-5 is below half a unit in the
-    last place and rounds away). A NaN or infinite loss stops the run with a FloatingPointError
+    last place and rounds away). Where a step computes in float16 (float16 weights or
+    `compute_dtype`, an older GPU) the loss is scaled (`hardware.loss_scaler`; the log then has each
+    step's `loss_scale`, and a step whose gradients overflowed is skipped). A NaN or infinite loss stops the run with a FloatingPointError
     naming the method and step. `stop_when(trace) -> bool` is asked after each evaluation; True
     ends the run there (`UnlearningRun.stopped_at`: that step; None when the run took every step).
     """
@@ -220,8 +277,14 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     pool = list(mismatch_pool if mismatch_pool is not None else retain_set)
     rng = random.Random(seed + 2)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    scaler = loss_scaler(model, compute_dtype)  # float16 products (a T4): scaled so small gradients survive
     extra = {k: v for r in regularisers for k, v in getattr(r, "hparams", {}).items()}
     run = UnlearningRun(method=method, hparams={**hparams, **extra})
+    if keep_checkpoints not in (True, False, "memory", "disk"):
+        raise ValueError(f"keep_checkpoints must be True, False, 'memory' or 'disk', got {keep_checkpoints!r}")
+    trained_bytes = sum(p.numel() * p.element_size() for p in params)
+    if keep_checkpoints == "disk" or (keep_checkpoints is True and trained_bytes > DISK_CHECKPOINT_BYTES):
+        run.checkpoints = DiskCheckpoints()
     start = time.perf_counter()
 
     def checkpoint(step: int) -> None:
@@ -268,12 +331,15 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
                     f"{ {k: float(v.detach()) for k, v in terms.items()} }. Lower the learning rate or the number of steps."
                 )
             last_finite = value
-            loss.backward()
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped (and the scale halved) where scaled float16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        scaling = {"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
         run.log.append({"step": step, "loss": value, **{k: float(v.detach()) for k, v in terms.items()},
-                        "seconds": time.perf_counter() - start})
+                        **scaling, "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{value:.3f}")
         if step == steps or (eval_every and step % eval_every == 0) or step in eval_at:
             model.eval()
