@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from probunlearn.evaluation import metric_scorer, question_cells, trace_metrics
+from probunlearn.models import STACKED, is_stacked
 from probunlearn.unlearning import UnlearningRun, load_adapter_state, unlearn
 from probunlearn.utils import renamed_arguments
 
@@ -49,6 +50,8 @@ def early_stopping(trace: Sequence[Mapping], bar: float, *, bar_metric: str = "r
 
 def _lora_b_parameters(model):
     names = [(n, p) for n, p in model.named_parameters() if "lora_B" in n or "lora_embedding_B" in n]
+    if is_stacked(model):  # the unlearning adapter's, not the QLoRA target's beneath it
+        names = [(n, p) for n, p in names if f".{STACKED}." in n]
     if not names:
         raise TypeError("the model has no LoRA adapter to mix: it must be a peft LoRA model")
     return names

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probunlearn.utils import load_profile
+
 GB = 10**9  # GPUs are sold in GB: "24 GB" is 24e9 bytes (22.4 GiB)
 OVERHEAD = int(1.0 * GB)  # CUDA context, cuBLAS workspace, the caching allocator's fragmentation
 NF4_BYTES = 4.127 / 8  # bitsandbytes NF4 with double quantisation: 4 bits + 0.127 bits of block constants
@@ -173,8 +175,8 @@ def training_plan(shape: Shape, *, tokens: int, answer_tokens: int, method: str 
     retain, mismatch), `answer_tokens` of them through the output head (the loss reads answers only),
     `reference_tokens` through the frozen reference too (npo, ga_kl: the adapter disabled, no graph).
     `lora_r`: a LoRA adapter of that rank on every linear layer of the blocks (QLoRA with
-    `quantization="4bit"`: the rest of the weights in float32, as `prepare_model_for_kbit_training`
-    leaves them); None: full fine-tuning ([P1]), float32 weights under autocast. The trained weights
+    `quantization="4bit"`: the rest of the weights in `dtype`, as `models.add_lora` leaves them);
+    None: full fine-tuning ([P1]), float32 weights under autocast. The trained weights
     carry float32 values, gradients and two AdamW moments (16 bytes each). Saved activations:
     `ACTIVATION_VALUES` per token and block, or with gradient checkpointing the blocks' inputs and
     one block recomputed."""
@@ -183,7 +185,7 @@ def training_plan(shape: Shape, *, tokens: int, answer_tokens: int, method: str 
         weights, trained = shape.params * 4, shape.params * 16
         weights_part = {"weights (float32)": weights, "gradients + AdamW": trained - weights}
     else:
-        weights = shape.weight_bytes(dtype, quantization, kbit_training=quantization is not None)
+        weights = shape.weight_bytes(dtype, quantization)  # models._freeze_4bit keeps the rest in `dtype`
         trained = shape.lora_params_per_rank * lora_r * 16
         weights_part = {"weights": weights, "adapter + gradients + AdamW": trained}
     per_block = (ACTIVATION_VALUES[0] * shape.hidden + ACTIVATION_VALUES[1] * shape.mlp) * half
@@ -270,8 +272,6 @@ def profile_plans(settings: dict, shape: Shape, *, sequence: int = 256, prompt: 
 def main() -> None:
     """`python -m probunlearn.memory`: the paper profile's plans for phi-1.5 and Llama-3.2-1B."""
     import pandas as pd
-
-    from probunlearn.utils import load_profile
 
     settings = load_profile("paper")
     rows = []

@@ -115,7 +115,9 @@ def load_model(
     name_or_path: `"smollm2-135m"` (the embedded offline default), a Hugging Face id, a local model
         directory, or a directory written by `save_adapter` (the adapter is loaded on its base model).
     quantization: None (plain weights) or `"4bit"` (bitsandbytes NF4, the QLoRA path; it also runs
-        on a CPU, slowly).
+        on a CPU, slowly). An adapter trained on a 4-bit base (`trained_on_4bit`) then loads as it
+        was trained, the 4-bit base with the adapter(s) beside it, unless `merge=True` asks for the
+        merged-then-quantised model.
     dtype, device: see the module docstring for the defaults.
     merge: for a `save_adapter` directory, whether the adapter is added into its base's weights (a
         plain model) or kept beside them (a peft model, exactly the model that was trained). None
@@ -139,6 +141,8 @@ def load_model(
     if (path / META_FILE).exists():  # a saved adapter: load its base, then the adapter on it
         from peft import PeftModel
 
+        if quantization == "4bit" and not merge and trained_on_4bit(path):
+            return _load_as_trained_4bit(path, dtype=dtype, device=device)
         if merge is None:
             merge = merges_by_default(path)
         if not merge:  # the base as it is used (a saved target merged, 4-bit if asked), the adapter beside it
@@ -183,6 +187,128 @@ def _hub_error(name_or_path, err: Exception) -> OSError:
     )
 
 
+def trained_on_4bit(adapter_dir: str | os.PathLike) -> bool:
+    """Whether a saved adapter was trained on a 4-bit base (QLoRA): fine-tuned with
+    `quantization="4bit"` (notebook 02's settings say so), or an adapter on such an adapter (an
+    unlearning adapter on a QLoRA target)."""
+    adapter_dir = Path(adapter_dir)
+    meta = json.loads((adapter_dir / META_FILE).read_text())
+    if (meta.get("settings") or {}).get("quantization") == "4bit":
+        return True
+    base = Path(adapter_base(adapter_dir))
+    return (base / META_FILE).exists() and trained_on_4bit(base)
+
+
+STACKED = "unlearning"  # the adapter's name where it sits beside another one (`stack_lora`)
+
+
+def _load_as_trained_4bit(path: Path, *, dtype, device):
+    """A QLoRA adapter as it was trained: the 4-bit base with the adapter beside it, unmerged (a
+    merge into 4-bit layers rounds the sum to NF4 again, an NF4 step that can be as large as a small
+    update: notebook 06's quantisation attack). An adapter on a QLoRA target is stacked beside the
+    target's adapter (`stack_lora`), as `unlearning.start_unlearning` trained it."""
+    from peft import PeftModel
+
+    base_dir = Path(adapter_base(path))
+    if (base_dir / META_FILE).exists():  # an unlearning adapter: the target as trained, then this beside it
+        model, tokenizer = _load_as_trained_4bit(base_dir, dtype=dtype, device=device)
+        with _quiet_peft():
+            model.load_adapter(str(path), adapter_name=STACKED)
+        _activate_stack(model)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model.eval(), tokenizer
+    base, tokenizer = load_model(str(base_dir), quantization="4bit", dtype=dtype, device=device)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base, str(path)).eval(), tokenizer
+
+
+def _activate_stack(model) -> None:
+    """Both adapters of a stacked model active (their updates add up), the lower one frozen."""
+    model.base_model.set_adapter([name for name in model.peft_config])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(f".{STACKED}." in name)
+
+
+def is_stacked(model) -> bool:
+    """Whether `model` carries an adapter beside another one (`stack_lora`)."""
+    return STACKED in getattr(model, "peft_config", {}) and len(model.peft_config) > 1
+
+
+def stack_lora(model, *, r: int, lora_alpha: int, top_layers: int | None = None, gradient_checkpointing: bool = False):
+    """A fresh trainable LoRA adapter (named `STACKED`) beside the frozen adapter of a peft model:
+    the model computes base + the first adapter's update + this one's. The unlearning adapter of a
+    QLoRA target, which is its 4-bit base with its fine-tuning adapter beside it (`load_model`), so
+    that the model unlearning starts from is the target as trained. `reset_adapter`,
+    `control.mixed_model`, `reference_model` (this adapter off, the target on) and `save_adapter`
+    (this adapter alone) act on the stacked adapter only."""
+    from peft import LoraConfig
+
+    layers = None
+    if top_layers is not None:
+        total = num_layers(model)
+        if not 1 <= top_layers <= total:
+            raise ValueError(f"top_layers must be in [1, {total}] for this model, got {top_layers}")
+        layers = list(range(total - top_layers, total))
+    inner = model.get_base_model()
+    if getattr(inner, "is_loaded_in_4bit", False):
+        _freeze_4bit(inner)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=_linear_module_names(model), task_type="CAUSAL_LM",
+                        layers_to_transform=layers)
+    with _quiet_peft():
+        model.add_adapter(STACKED, config)
+    _activate_stack(model)
+    if gradient_checkpointing:
+        _enable_checkpointing(inner)
+    return model
+
+
+def concatenated_adapter(adapter_dir: str | os.PathLike) -> Path:
+    """`<adapter_dir>/concatenated`: a stacked adapter (`stack_lora`: an unlearning adapter beside a
+    QLoRA target's) and the target's adapter beneath it as one LoRA adapter on the target's base,
+    written once. Two LoRA updates add up to one of their summed rank, exactly: B1·A1·s1 + B2·A2·s2
+    = [B1·s1, B2·s2]·[A1; A2] (the scalings s folded into B, a module only one of them adapts padded
+    with zeros). For an engine that serves one adapter per request on a 4-bit base (vLLM), so that
+    it samples the model our sampler evaluates."""
+    from safetensors.torch import load_file, save_file
+
+    upper = Path(adapter_dir)
+    lower = Path(adapter_base(upper))
+    target = upper / "concatenated"
+    if (target / "adapter_model.safetensors").exists():
+        return target
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (lower, upper)]
+    states = [load_file(str(d / "adapter_model.safetensors")) for d in (lower, upper)]
+    ranks = [c["r"] for c in configs]
+    scales = [c["lora_alpha"] / (c["r"] ** 0.5 if c.get("use_rslora") else c["r"]) for c in configs]
+    if any(c.get("rank_pattern") or c.get("alpha_pattern") for c in configs):
+        raise ValueError("adapters with per-module ranks or alphas are not concatenated")
+    modules = sorted({k.rsplit(".lora_", 1)[0] for state in states for k in state if ".lora_A." in k})
+    out = {}
+    for module in modules:
+        a_key, b_key = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        shapes = next((st[a_key].shape[1], st[b_key].shape[0]) for st in states if a_key in st)
+        a_parts, b_parts = [], []
+        for state, rank, scale in zip(states, ranks, scales):
+            if a_key in state:
+                a_parts.append(state[a_key].float())
+                b_parts.append(state[b_key].float() * scale)
+            else:
+                a_parts.append(torch.zeros(rank, shapes[0]))
+                b_parts.append(torch.zeros(shapes[1], rank))
+        out[a_key], out[b_key] = torch.cat(a_parts, 0).contiguous(), torch.cat(b_parts, 1).contiguous()
+    config = dict(configs[1])
+    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    config.update(r=sum(ranks), lora_alpha=sum(ranks), use_rslora=False, target_modules=short,
+                  layers_to_transform=None, layers_pattern=None, base_model_name_or_path=adapter_base(lower))
+    tmp = upper / "concatenated.tmp"
+    tmp.mkdir(exist_ok=True)
+    save_file(out, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    tmp.rename(target)
+    return target
+
+
 def merges_by_default(adapter_dir: str | os.PathLike) -> bool:
     """Whether `load_model(adapter_dir)` merges the adapter (see its `merge`): True for an adapter on
     a plain model, False for one on another saved adapter (an unlearned model on the target)."""
@@ -211,8 +337,8 @@ def num_layers(model) -> int:
 def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
              target_modules: str | Sequence[str] = "all-linear", top_layers: int | None = None,
              gradient_checkpointing: bool = False):
-    """Wrap `model` with a fresh trainable LoRA adapter (peft). For a 4-bit model this first runs
-    `prepare_model_for_kbit_training` (QLoRA, Dettmers et al. 2023).
+    """Wrap `model` with a fresh trainable LoRA adapter (peft). A 4-bit model is frozen first, its
+    other weights left in their dtype (`_freeze_4bit`; QLoRA, Dettmers et al. 2023).
 
     `top_layers`: put the adapter on the last `top_layers` transformer blocks only (None: on every
     block). Backpropagation then stops at the lowest adapted block, so a training step skips the
@@ -223,7 +349,7 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
     rest (transformers' checkpointing, non-reentrant): ~1.3x the compute of a step, a fraction of
     its activation memory (`memory.training_plan`: phi-1.5's largest QLoRA step of the paper profile
     plans 110 GB without, 21.5 GB with). The same gradients."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     layers = None
     if top_layers is not None:
@@ -234,17 +360,33 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
         if target_modules == "all-linear":  # peft takes a layer subset only with named modules
             target_modules = _linear_module_names(model)
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(keep_4bit_layout(model), use_gradient_checkpointing=False)
+        _freeze_4bit(model)
     if gradient_checkpointing:
-        checkpointing = {"use_reentrant": False}  # no inputs that require grad needed; frozen blocks below are fine
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        _enable_checkpointing(model)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
     with _quiet_peft():
         return get_peft_model(model, config)
+
+
+def _freeze_4bit(model) -> None:
+    """A 4-bit model made ready for QLoRA: every weight frozen, in the plain 4-bit layout
+    (`keep_4bit_layout`). Unlike peft's `prepare_model_for_kbit_training` it leaves the embeddings,
+    norms and head in the model's dtype instead of float32: half their memory (0.5 GB for
+    Llama-3.2-1B's tied 128k-token embeddings), and the model trained is the model a 4-bit load
+    evaluates later (`load_model`), number for number. Norms compute in float32 inside (RMSNorm
+    upcasts; LayerNorm accumulates in float32), and the losses read float32 logits."""
+    keep_4bit_layout(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def _enable_checkpointing(model) -> None:
+    checkpointing = {"use_reentrant": False}  # no inputs that require grad needed; frozen blocks below are fine
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
 
 
 @contextlib.contextmanager
@@ -260,8 +402,11 @@ def _linear_module_names(model) -> list[str]:
     """The short names (`q_proj`, `down_proj`, ...) of the linear layers that peft's "all-linear"
     adapts: every linear layer but the output head."""
     head = model.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and module is not head}
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and ".lora_" not in name:
+            parts = name.split(".")
+            names.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])  # a peft layer: the wrapped one's name
     return sorted(names)
 
 
@@ -270,7 +415,13 @@ def save_adapter(model, path: str | os.PathLike, *, base: str | os.PathLike, ext
     a directory that is stored relative to `path` so results folders can move)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
+    if is_stacked(model):  # the stacked adapter alone (peft writes a named adapter into a subfolder)
+        model.save_pretrained(str(path), selected_adapters=[STACKED])
+        for item in (path / STACKED).iterdir():
+            item.replace(path / item.name)
+        (path / STACKED).rmdir()
+    else:
+        model.save_pretrained(str(path))
     base_str = str(base)
     if Path(base_str).exists():
         base_str = os.path.relpath(Path(base_str).resolve(), path.resolve())
@@ -368,9 +519,24 @@ def _set_dtype(module, kind: str, name: str, dtype: torch.dtype) -> None:
 @contextlib.contextmanager
 def reference_model(model):
     """Context in which `model` behaves as the frozen reference π_ref: the same weights with the
-    LoRA adapter disabled (SPEC §2), so NPO and KL need no second copy of the model."""
+    LoRA adapter disabled (SPEC §2), so NPO and KL need no second copy of the model; on a stacked
+    model (a QLoRA target's adapter with the unlearning adapter beside it) the unlearning adapter
+    alone is off."""
     if not hasattr(model, "disable_adapter"):
         raise TypeError("reference_model needs a peft model (with a LoRA adapter); wrap it with add_lora first")
+    if is_stacked(model):  # the target is the base with its own adapter: only the stacked one goes
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer) and STACKED in m.scaling]
+        saved = [m.scaling[STACKED] for m in layers]
+        for m in layers:
+            m.scaling[STACKED] = 0.0  # its update times 0: exactly nothing
+        try:
+            yield model
+        finally:
+            for m, scale in zip(layers, saved):
+                m.scaling[STACKED] = scale
+        return
     with model.disable_adapter():
         yield model
 

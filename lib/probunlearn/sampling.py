@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn import draws
+from probunlearn import draws, memory
 from probunlearn.attention import decoding_attention
 from probunlearn.hardware import model_device, reuse_freed_memory
 from probunlearn.kv_cache import cache_argument, kv_cache
@@ -248,8 +248,6 @@ def planned_rows(model, tokenizer, questions: list[str], rows: list[tuple[int, i
     whose peak memory (`memory.sampling_plan`: weights, the key/value cache of the longest prompt plus
     `max_new_tokens`, the draw) fits `budget` bytes (default `memory.gpu_budget`: a setting, or
     what the GPU has free beside the loaded weights). It changes speed and memory, not the answers."""
-    from probunlearn import memory
-
     shape = memory.shape_of(model)
     quantization = "4bit" if getattr(model, "is_loaded_in_4bit", False) else None
     dtype = getattr(model, "dtype", torch.float32)

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from probunlearn.answers import FrozenTrunk
 from probunlearn.hardware import loss_scaler, model_device, precision
-from probunlearn.models import AnswerOnlyCollator, add_lora, encode_qa, load_model, training_attention
+from probunlearn.models import (STACKED, AnswerOnlyCollator, add_lora, encode_qa, is_stacked, load_model, stack_lora,
+                                training_attention)
 from probunlearn.objectives import StepOutputs, check_hparams, method_objective
 from probunlearn.utils import set_seed
 
@@ -138,14 +139,18 @@ def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8
                      lora_alpha: int | None = None, lora_top_layers: int | None = None, dtype=None,
                      device: str | None = None, gradient_checkpointing: bool | None = None, seed: int = 0):
     """The fine-tuned target (`results/<profile>/models/target`, merged) with a fresh LoRA adapter
-    (QLoRA when `quantization="4bit"`; on the last `lora_top_layers` blocks only, see
-    `models.add_lora`). `gradient_checkpointing`: None turns it on on a GPU (the paper profile's
+    (on the last `lora_top_layers` blocks only, see `models.add_lora`). With `quantization="4bit"`
+    (QLoRA) and a target fine-tuned in 4-bit, the target is loaded as it was trained, its 4-bit base
+    with its adapter beside it, and the new adapter is stacked beside that (`models.stack_lora`). `gradient_checkpointing`: None turns it on on a GPU (the paper profile's
     steps need it to fit 24 GB, `memory`), off on a CPU, where memory is not what limits a run.
     Returns `(model, tokenizer)`."""
     set_seed(seed)
     model, tokenizer = load_model(target, quantization=quantization, dtype=dtype, device=device)
     if gradient_checkpointing is None:
         gradient_checkpointing = model_device(model).type == "cuda"
+    if hasattr(model, "peft_config"):  # a QLoRA target as trained: its adapter stays, the new one beside it
+        return stack_lora(model, r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, top_layers=lora_top_layers,
+                          gradient_checkpointing=gradient_checkpointing), tokenizer
     return add_lora(model, r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, top_layers=lora_top_layers,
                     gradient_checkpointing=gradient_checkpointing), tokenizer
 
@@ -181,11 +186,13 @@ def reset_adapter(model, seed: int) -> None:
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    stacked = is_stacked(model)  # then only the unlearning adapter, not the target's beneath it
     try:
         for module in model.modules():
             if isinstance(module, LoraLayer):
                 for adapter in module.lora_A:
-                    module.reset_lora_parameters(adapter, True)
+                    if not stacked or adapter == STACKED:
+                        module.reset_lora_parameters(adapter, True)
     finally:
         torch.random.set_rng_state(generator_state)
 

@@ -42,7 +42,8 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
-from probunlearn.models import META_FILE, adapter_base, encode_prompt, load_model, resolve_model
+from probunlearn.models import (META_FILE, adapter_base, concatenated_adapter, encode_prompt, load_model, resolve_model,
+                               trained_on_4bit)
 from probunlearn.utils import renamed_arguments
 
 __all__ = ["vllm_available", "VLLMSampler", "answer_seed", "engine_model", "shared_sampler", "close_shared_sampler",
@@ -184,14 +185,20 @@ class VLLMSampler:
         return (greedy, sampled) if with_greedy else sampled
 
 
-def engine_model(path, *, lora: bool = True) -> tuple[str, str | None]:
+def engine_model(path, *, lora: bool = True, quantization: str | None = None) -> tuple[str, str | None]:
     """(what vLLM loads, LoRA adapter directory or None) for any model `load_model` takes: a model
     name or directory as it is; a saved adapter as its base plus the adapter (`lora=False`: merged
     into its base once, `<adapter>/merged`), where a base that is itself an adapter is merged once
-    into `<base>/merged` (`merged_directory`)."""
+    into `<base>/merged` (`merged_directory`). In 4-bit, an adapter stacked on a QLoRA target
+    (`models.stack_lora`) goes as one concatenated adapter on the target's own base
+    (`models.concatenated_adapter`): the 4-bit base with both updates beside it, as our sampler
+    evaluates it, not the target merged and quantised again."""
     path = Path(str(path))
     if not (path / META_FILE).exists():
         return resolve_model(str(path)), None
+    base_dir = Path(adapter_base(path))
+    if quantization == "4bit" and lora and (base_dir / META_FILE).exists() and trained_on_4bit(path):
+        return resolve_model(adapter_base(base_dir)), str(concatenated_adapter(path))
     if not lora:
         return str(merged_directory(path)), None
     base = adapter_base(path)
@@ -220,7 +227,7 @@ def shared_sampler(path, tokenizer, *, quantization: str | None = None, tensor_p
     if quantization == "4bit":
         kwargs["quantization"] = "bitsandbytes"
     lora = torch.cuda.is_available() if lora is None else lora
-    base, adapter = engine_model(path, lora=lora)
+    base, adapter = engine_model(path, lora=lora, quantization=quantization)
     key = (base, repr(sorted(kwargs.items())), tensor_parallel_size, data_parallel_size, lora)
     if _LIVE.get("key") != key:
         close_shared_sampler()
