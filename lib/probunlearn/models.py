@@ -348,7 +348,7 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
     `gradient_checkpointing`: keep only each block's input for the backward pass and recompute the
     rest (transformers' checkpointing, non-reentrant): ~1.3x the compute of a step, a fraction of
     its activation memory (`memory.training_plan`: phi-1.5's largest QLoRA step of the paper profile
-    plans 110 GB without, 21.5 GB with). The same gradients."""
+    plans 110 GB without, 21 GB with). The same gradients."""
     from peft import LoraConfig, get_peft_model
 
     layers = None
