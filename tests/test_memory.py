@@ -100,3 +100,25 @@ def test_the_sampler_plans_its_gpu_batch_from_the_budget(tiny, monkeypatch):
     assert 1 <= small < large <= memory.MAX_ROWS
     monkeypatch.setenv("PROBUNLEARN_GPU_MEMORY_GB", str((one + 2_000_000) / memory.GB))
     assert sampling.planned_rows(model, tokenizer, questions, rows, 24) == small
+
+
+@pytest.mark.parametrize("model, batch_24, batch_t4, full_tuning_gb", [("phi-1.5", 32, 16, 40),
+                                                                      ("Llama-3.2-1B", 16, 8, 80)])
+def test_the_paper_profile_fits_the_gpus_its_comments_name(model, batch_24, batch_t4, full_tuning_gb):
+    """What profiles/paper.yaml says of GPU memory, as planned: the largest unlearning step fits 24 GB
+    at `batch_24` and a T4's 15 GB at `batch_t4` (not at twice that), sampling and relearning fit
+    both, and notebook 04's full fine-tuning needs `full_tuning_gb`, more than 24."""
+    settings = load_profile("paper")
+    shape = memory.Shape.of(memory.paper_configs()[model], model)
+
+    def plans(batch, budget_gb=24, dtype=torch.bfloat16):
+        return memory.profile_plans({**settings, "UNLEARN_BATCH_SIZE": batch}, shape, budget_gb=budget_gb,
+                                    dtype=dtype, gradient_checkpointing=True)
+
+    step, full, sampling, relearning = plans(batch_24)
+    assert step.fits(24) and not plans(2 * batch_24)[0].fits(24)
+    assert not full.fits(24) and full.fits(full_tuning_gb)
+    assert sampling.fits(24) and relearning.fits(24)
+    step, _, sampling, relearning = plans(batch_t4, budget_gb=15, dtype=torch.float16)
+    assert step.fits(15) and not plans(2 * batch_t4, budget_gb=15, dtype=torch.float16)[0].fits(15)
+    assert sampling.fits(15) and relearning.fits(15)
