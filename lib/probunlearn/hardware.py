@@ -179,8 +179,8 @@ def precision(device: str) -> Precision:
     """The dtypes a run on `device` uses (see `Precision`): bfloat16 weights where the hardware
     multiplies bfloat16 natively (a GPU of compute capability >= 8.0; a CPU with AMX, or with
     AVX512-BF16 measured faster); on an older GPU (a T4) float16 weights with float32 adapters and
-    loss scaling, the mixed precision of the QLoRA paper's consumer-GPU setting, rather than float32
-    weights (twice the memory and no tensor cores) or emulated bfloat16; else float32. Follows
+    loss scaling, rather than float32 weights (twice the memory, and no tensor cores) or emulated
+    bfloat16 (slow, and outside PyTorch's fast attention kernels); else float32. Follows
     `PROBUNLEARN_DTYPE` where it is set."""
     weights = default_dtype(device)
     low = weights in (torch.bfloat16, torch.float16)

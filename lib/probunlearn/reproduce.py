@@ -238,8 +238,8 @@ FINISHED = {"01": "data/stats.json", "02": ARTEFACTS["finetune_summary"], "03": 
             "06": ARTEFACTS["attacks_summary"]}
 # Minutes per notebook, measured (what `ensure_inputs` announces), on a 2-core AMD EPYC Zen 4 in
 # bfloat16, 2026-12-05: smoke from `make test` (one thread, beside the tofu-smoke run), cpu from
-# `make reproduce` (notebook 02 with its training). An AVX2-only CPU takes about 1.5x; the paper
-# profile has no measured times (no GPU has run it).
+# `make reproduce` (notebook 02 with its training). An AVX2-only CPU takes longer (notebook 03: 19.8 min
+# on the AVX2 stand-in even at the slow-CPU sizes); the paper profile has no measured times (no GPU has run it).
 EXPECTED_MINUTES = {
     "smoke": {"01": 0.2, "02": 2.1, "03": 3.2, "04": 2.2, "05": 1.4, "06": 1.0, "07": 0.3},
     "cpu": {"01": 0.2, "02": 5.3, "03": 15.4, "04": 11.8, "05": 22.3, "06": 5.8, "07": 0.2},

@@ -141,8 +141,9 @@ def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8
     """The fine-tuned target (`results/<profile>/models/target`, merged) with a fresh LoRA adapter
     (on the last `lora_top_layers` blocks only, see `models.add_lora`). With `quantization="4bit"`
     (QLoRA) and a target fine-tuned in 4-bit, the target is loaded as it was trained, its 4-bit base
-    with its adapter beside it, and the new adapter is stacked beside that (`models.stack_lora`). `gradient_checkpointing`: None turns it on on a GPU (the paper profile's
-    steps need it to fit 24 GB, `memory`), off on a CPU, where memory is not what limits a run.
+    with its adapter beside it, and the new adapter is stacked beside that (`models.stack_lora`).
+    `gradient_checkpointing`: None turns it on on a GPU (the paper profile's steps need it to fit
+    24 GB, `memory`), off on a CPU, where memory is not what limits a run.
     Returns `(model, tokenizer)`."""
     set_seed(seed)
     model, tokenizer = load_model(target, quantization=quantization, dtype=dtype, device=device)
@@ -261,9 +262,10 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     bfloat16 products; in bfloat16 weights an AdamW update of lr 1e-5 is below half a unit in the
     last place and rounds away). Where a step computes in float16 (float16 weights or
     `compute_dtype`, an older GPU) the loss is scaled (`hardware.loss_scaler`; the log then has each
-    step's `loss_scale`, and a step whose gradients overflowed is skipped). A NaN or infinite loss stops the run with a FloatingPointError
-    naming the method and step. `stop_when(trace) -> bool` is asked after each evaluation; True
-    ends the run there (`UnlearningRun.stopped_at`: that step; None when the run took every step).
+    step's `loss_scale`, and a step whose gradients overflowed is skipped). A NaN or infinite loss
+    stops the run with a FloatingPointError naming the method and step. `stop_when(trace) -> bool`
+    is asked after each evaluation; True ends the run there (`UnlearningRun.stopped_at`: that step;
+    None when the run took every step).
     """
     objective = method_objective(method)
     hparams = check_hparams(method, dict(hparams or {}))
