@@ -5,9 +5,10 @@ random weights from its config and tokenizer files (a few MB; `--export-files DI
 here from the embedded model), and runs, printing one line per check:
 
 1. `finetune`: LoRA fine-tuning steps on a few QA pairs (the loss must fall);
-2. `qlora_ga`, `qlora_npo`: the model reloaded in 4-bit NF4 (bitsandbytes), a fresh LoRA adapter
-   (QLoRA), unlearning steps with GA and with NPO, whose reference model is the same weights
-   with the adapter disabled (the forget NLL must rise);
+2. `qlora_ga`, `qlora_npo`, `qlora_ga_eo`: the model reloaded in 4-bit NF4 (bitsandbytes), a fresh
+   LoRA adapter (QLoRA; gradient checkpointing on a GPU), unlearning steps with GA, with NPO (whose
+   reference model is the same weights with the adapter disabled) and with GA + [P1]'s entropy term
+   over every position of batches padded to 64 (the forget NLL must rise; peak GPU memory printed);
 3. `float16`: a T4's numerics (`hardware.precision` below compute capability 8.0): float16 weights,
    float32 adapters, loss scaling; fine-tuning lowers the loss, GA raises the forget NLL, all finite;
 4. `load_model`: the model saved as a directory and loaded by `models.load_model` (the notebooks'
@@ -114,24 +115,33 @@ def check_finetune(model, tokenizer, steps: int) -> bool:
     return line("finetune", last < first, f"{steps} LoRA steps, loss {first:.3f} -> {last:.3f}", started)
 
 
-def check_qlora(model, tokenizer, method: str, steps: int) -> bool:
+def check_qlora(model, tokenizer, method: str, steps: int, entropy: bool = False) -> bool:
     from probunlearn.likelihood import answer_nll
     from probunlearn.models import add_lora
+    from probunlearn.objectives import entropy_regulariser
     from probunlearn.quantization import quantized_copy
     from probunlearn.unlearning import unlearn
 
     started = time.perf_counter()
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     quantized = quantized_copy(model, "4bit")  # in the model's dtype
-    peft_model = add_lora(quantized, r=8, lora_alpha=16)
+    peft_model = add_lora(quantized, r=8, lora_alpha=16, gradient_checkpointing=cuda)
     forget, retain = records(QA[:3]), records(QA[3:])
     questions, answers = [r["question"] for r in forget], [r["answer"] for r in forget]
     before = float(np.mean(answer_nll(peft_model, tokenizer, questions, answers)))
-    unlearn(peft_model, tokenizer, forget, retain, method=method, steps=steps, learning_rate=5e-3, batch_size=3,
-            progress=False)
+    regularisers = [entropy_regulariser(1.0, -0.25, "all")] if entropy else []  # [P1]'s EO, its code's averaging
+    run = unlearn(peft_model, tokenizer, forget, retain, method=method, steps=steps, learning_rate=5e-3, batch_size=3,
+                  regularisers=regularisers, pad_to=64 if entropy else None, progress=False)
     after = float(np.mean(answer_nll(peft_model, tokenizer, questions, answers)))
+    finite = all(np.isfinite(row["loss"]) for row in run.log)
     layer = type(peft_model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__
-    return line(f"qlora_{method}", after > before,
-                f"4-bit base ({layer}), {steps} steps, forget NLL {before:.3f} -> {after:.3f}", started)
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
+    name = f"qlora_{method}" + ("_eo" if entropy else "")
+    return line(name, after > before and finite,
+                f"4-bit base ({layer}), {steps} steps, forget NLL {before:.3f} -> {after:.3f}{peak}", started)
 
 
 def check_sampler(model, tokenizer, samples: int) -> tuple[bool, bool]:
@@ -367,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     results.append(check_finetune(model, tokenizer, steps))
     if not args.no_4bit:
         results += [check_qlora(model, tokenizer, method, steps) for method in ("ga", "npo")]
+        results.append(check_qlora(model, tokenizer, "ga", steps, entropy=True))
     results.append(check_float16(model, tokenizer, steps))
     results.append(check_load_model(model, tokenizer, quantized=not args.no_4bit))
     results.append(check_frozen_trunk(model, tokenizer))

@@ -14,7 +14,7 @@ def test_gpu_check_dry_run_on_cpu(capsys):
     assert gpu_check.main(["--device", "cpu", "--small"]) == 0
     out = capsys.readouterr().out
     checks = [line.split()[1] for line in out.splitlines() if line.startswith("check ")]
-    assert checks == ["setup", "finetune", "qlora_ga", "qlora_npo", "float16", "load_model", "frozen_trunk",
+    assert checks == ["setup", "finetune", "qlora_ga", "qlora_npo", "qlora_ga_eo", "float16", "load_model", "frozen_trunk",
                       "sampler_exact", "sampler_batch", "batch_changes", "speed", "memory_phi-1.5",
                       "memory_Llama-3.2-1B"]
-    assert "FAIL" not in out and "13 of 13 checks ok" in out
+    assert "FAIL" not in out and "14 of 14 checks ok" in out
