@@ -140,3 +140,25 @@ def test_gradient_checkpointing_takes_the_same_steps(tiny):
         states.append(adapter_state(model))
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
     assert any((v != 0).any() for k, v in states[0].items() if "lora_B" in k)
+
+
+def test_full_fine_tuning_with_a_frozen_reference_runs_npo_against_the_target(tiny):
+    """[P1]'s full fine-tuning has no adapter to switch off: `start_full_unlearning(reference=True)`
+    keeps a frozen copy of the target, which NPO reads as π_ref while every weight moves."""
+    from probunlearn.models import reference_model
+    from tiny_unlearning import logits_of
+
+    model, tokenizer = start_full_unlearning(tiny["path"], reference=True)
+    target_logits = logits_of(model, tokenizer)
+    trained = {id(p) for p in model.parameters()}
+    with reference_model(model) as reference:  # the target, in the fast dtype (bfloat16 here: rounded)
+        assert reference is not model and not any(id(p) in trained for p in reference.parameters())
+        before = logits_of(reference, tokenizer)
+        assert torch.allclose(before.float(), target_logits, atol=0.5)  # bfloat16 weights: up to 0.28 off here
+    unlearn(model, tokenizer, FORGET, RETAIN, method="npo", steps=3, learning_rate=1e-3, batch_size=2, progress=False)
+    with reference_model(model) as reference:  # frozen: exactly what it was
+        assert torch.equal(logits_of(reference, tokenizer), before)
+    assert not torch.allclose(logits_of(model, tokenizer), target_logits, atol=1e-3)  # the model moved
+    plain, _ = start_full_unlearning(tiny["path"])
+    with pytest.raises(TypeError, match="attach_reference"):
+        unlearn(plain, tokenizer, FORGET, RETAIN, method="npo", steps=1, learning_rate=1e-3, batch_size=2, progress=False)

@@ -11,6 +11,7 @@ the result as safetensors under `$PROBUNLEARN_CACHE` (default `~/.cache/probunle
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -516,14 +517,35 @@ def _set_dtype(module, kind: str, name: str, dtype: torch.dtype) -> None:
         module._buffers[name] = tensor.to(dtype)
 
 
+def attach_reference(model, dtype: torch.dtype | None = None):
+    """Keep a frozen copy of `model` as it is now, for `reference_model` (in `dtype`, default the
+    model's own): the reference of NPO and KL when every weight is trained ([P1]'s full fine-tuning,
+    `unlearning.start_full_unlearning(reference=True)`), where no adapter can be switched off. The
+    copy is not a submodule: it is neither trained nor counted among the model's parameters. Its
+    memory is a second model (0.27 GB for SmolLM2-135M in bfloat16). Returns `model`."""
+    reference = copy.deepcopy(model)
+    if dtype is not None:
+        reference = reference.to(dtype)
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    model.__dict__["_probunlearn_reference"] = reference.eval()  # not registered as a submodule
+    return model
+
+
 @contextlib.contextmanager
 def reference_model(model):
-    """Context in which `model` behaves as the frozen reference π_ref: the same weights with the
-    LoRA adapter disabled (SPEC §2), so NPO and KL need no second copy of the model; on a stacked
-    model (a QLoRA target's adapter with the unlearning adapter beside it) the unlearning adapter
-    alone is off."""
+    """Context yielding the frozen reference π_ref of `model`: the same weights with the LoRA adapter
+    disabled (SPEC §2), so NPO and KL need no second copy of the model; on a stacked model (a QLoRA
+    target's adapter with the unlearning adapter beside it) the unlearning adapter alone is off; a
+    fully trained model yields its attached frozen copy (`attach_reference`). Compute with the
+    yielded model."""
+    attached = model.__dict__.get("_probunlearn_reference")
+    if attached is not None:
+        yield attached
+        return
     if not hasattr(model, "disable_adapter"):
-        raise TypeError("reference_model needs a peft model (with a LoRA adapter); wrap it with add_lora first")
+        raise TypeError("reference_model needs a peft model (with a LoRA adapter; wrap it with add_lora first) or a "
+                        "frozen copy of a fully trained model (models.attach_reference)")
     if is_stacked(model):  # the target is the base with its own adapter: only the stacked one goes
         from peft.tuners.lora import LoraLayer
 

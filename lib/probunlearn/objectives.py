@@ -129,19 +129,21 @@ class StepOutputs:
             self._cache[kind, name] = compute()
         return self._cache[kind, name]
 
-    def _full(self, name: str) -> torch.Tensor:
+    def _full(self, name: str, model=None) -> torch.Tensor:
         batch = self._batch(name)
-        if self.trunk is not None:
-            return self.trunk.logits(batch)
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if model is None or model is self.model:
+            if self.trunk is not None:
+                return self.trunk.logits(batch)
+            model = self.model
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def logits(self, name: str) -> torch.Tensor:
         return self._cached("logits", name, lambda: self._full(name))
 
     def reference_logits(self, name: str) -> torch.Tensor:
         def compute():
-            with torch.no_grad(), reference_model(self.model):
-                return self._full(name)
+            with torch.no_grad(), reference_model(self.model) as reference:
+                return self._full(name, reference)
         return self._cached("reference_logits", name, compute)
 
     def answer(self, name: str) -> AnswerLogits:
@@ -151,8 +153,9 @@ class StepOutputs:
 
     def reference_answer(self, name: str) -> AnswerLogits:
         def compute():
-            with torch.no_grad(), reference_model(self.model):
-                return answer_logits(self.model, self._batch(name), self.trunk)
+            with torch.no_grad(), reference_model(self.model) as reference:
+                trunk = self.trunk if reference is self.model else None  # a separate copy: its own plain pass
+                return answer_logits(reference, self._batch(name), trunk)
         return self._cached("reference_answer", name, compute)
 
     def nll(self, name: str, temperature: float = 1.0) -> torch.Tensor:

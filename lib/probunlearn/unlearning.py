@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from probunlearn.answers import FrozenTrunk
 from probunlearn.hardware import loss_scaler, model_device, precision
-from probunlearn.models import (STACKED, AnswerOnlyCollator, add_lora, encode_qa, is_stacked, load_model, stack_lora,
-                                training_attention)
+from probunlearn.models import (STACKED, AnswerOnlyCollator, add_lora, attach_reference, encode_qa, is_stacked, load_model,
+                                stack_lora, training_attention)
 from probunlearn.objectives import StepOutputs, check_hparams, method_objective
 from probunlearn.utils import set_seed
 
@@ -156,15 +156,18 @@ def start_unlearning(target, *, quantization: str | None = None, lora_r: int = 8
                     gradient_checkpointing=gradient_checkpointing), tokenizer
 
 
-def start_full_unlearning(target, *, device: str | None = None, seed: int = 0):
+def start_full_unlearning(target, *, device: str | None = None, reference: bool = False, seed: int = 0):
     """The fine-tuned target with every weight trainable, in float32 ([P1]'s recipe: full
     fine-tuning, no adapter). Train it with `unlearn(..., compute_dtype=full_tuning_dtype(model))`,
     so that where bfloat16 is fast the products run in bfloat16 while the small updates accumulate
     in float32. `adapter_state` / `load_adapter_state` then copy and restore
     every weight (~0.5 GB for SmolLM2-135M): keep the target's state to start each run from it.
-    Returns `(model, tokenizer)`."""
+    `reference=True`: a frozen copy of the target in the fast dtype, NPO's and KL's reference
+    (`models.attach_reference`; no adapter to switch off here). Returns `(model, tokenizer)`."""
     set_seed(seed)
     model, tokenizer = load_model(target, dtype=torch.float32, device=device)
+    if reference:
+        attach_reference(model, precision(model_device(model).type).weights)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return model, tokenizer
