@@ -13,7 +13,8 @@ cached). The loop minimises the sum of the terms. Extra terms (the entropy regul
 any objective through `unlearn(..., regularisers=[fn])`, where `fn(out)` returns more named terms;
 because `out` caches the model's outputs, a regulariser on the forget or retain batch costs no extra
 forward pass. π_ref (NPO, KL) is the same weights with the adapter disabled
-(`models.reference_model`), never a second copy of the model.
+(`models.reference_model`), with no second copy of the model; only full fine-tuning, which has no
+adapter to switch off, keeps a frozen copy of the target (`models.attach_reference`).
 
 Token-level quantities work on `answers.AnswerLogits`: the logits of the positions that predict an
 answer token, packed, so the output head runs on those positions only (`answers.answer_logits`).
