@@ -245,12 +245,7 @@ def stack_lora(model, *, r: int, lora_alpha: int, top_layers: int | None = None,
     (this adapter alone) act on the stacked adapter only."""
     from peft import LoraConfig
 
-    layers = None
-    if top_layers is not None:
-        total = num_layers(model)
-        if not 1 <= top_layers <= total:
-            raise ValueError(f"top_layers must be in [1, {total}] for this model, got {top_layers}")
-        layers = list(range(total - top_layers, total))
+    layers = _top_layers(model, top_layers)
     inner = model.get_base_model()
     if getattr(inner, "is_loaded_in_4bit", False):
         _freeze_4bit(inner)
@@ -352,14 +347,9 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
     plans 110 GB without, 21 GB with). The same gradients."""
     from peft import LoraConfig, get_peft_model
 
-    layers = None
-    if top_layers is not None:
-        total = num_layers(model)
-        if not 1 <= top_layers <= total:
-            raise ValueError(f"top_layers must be in [1, {total}] for this model, got {top_layers}")
-        layers = list(range(total - top_layers, total))
-        if target_modules == "all-linear":  # peft takes a layer subset only with named modules
-            target_modules = _linear_module_names(model)
+    layers = _top_layers(model, top_layers)
+    if layers is not None and target_modules == "all-linear":  # peft takes a layer subset only with named modules
+        target_modules = _linear_module_names(model)
     if getattr(model, "is_loaded_in_4bit", False):
         _freeze_4bit(model)
     if gradient_checkpointing:
@@ -368,6 +358,17 @@ def add_lora(model, *, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
                         target_modules=target_modules, task_type="CAUSAL_LM", layers_to_transform=layers)
     with _quiet_peft():
         return get_peft_model(model, config)
+
+
+def _top_layers(model, top_layers: int | None) -> list[int] | None:
+    """The indices of the last `top_layers` transformer blocks of `model` (None: every block), for
+    peft's `layers_to_transform`."""
+    if top_layers is None:
+        return None
+    total = num_layers(model)
+    if not 1 <= top_layers <= total:
+        raise ValueError(f"top_layers must be in [1, {total}] for this model, got {top_layers}")
+    return list(range(total - top_layers, total))
 
 
 def _freeze_4bit(model) -> None:

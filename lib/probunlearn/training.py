@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from probunlearn.answers import FrozenTrunk, answer_loss
+from probunlearn.answers import FrozenTrunk, answer_loss, answer_positions
 from probunlearn.hardware import loss_scaler, model_device
 from probunlearn.models import (AnswerOnlyCollator, META_FILE, add_lora, format_prompt, load_model, load_tokenizer,
                                 save_adapter, training_attention)
@@ -61,10 +61,10 @@ def train_lora(model, tokenizer, dataset, *, epochs: int, learning_rate: float, 
         for epoch in range(epochs):
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                answers = int((batch["labels"][:, 1:] != -100).sum())
+                answers = int(answer_positions(batch["labels"]).sum())
                 loss = 0.0
                 for part in micro_batches(batch, micro_batch_size):
-                    share = int((part["labels"][:, 1:] != -100).sum()) / answers
+                    share = int(answer_positions(part["labels"]).sum()) / answers
                     part_loss = answer_loss(model, part, trunk) * share
                     if not math.isfinite(part_loss.item()):
                         raise FloatingPointError(f"{desc}: loss became {part_loss.item()} at step {step}; "
