@@ -91,6 +91,54 @@ def test_a_model_decodes_the_same_logits_inside_the_block(monkeypatch):
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it():
+    """kv_cache.SharedPrompt: rows continue prompts in any order (copied, dropped, several per
+    prompt, one prompt with none); the logits are those of a cache where each row holds its prompt."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    questions = ["hi", "what is the name of the author?", "where?"]
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    row_prompt = torch.tensor([0, 1, 2])
+    steps = [("add", torch.tensor([1, 1, 0])), ("keep", torch.tensor([0, 1, 3, 4, 5])),
+             ("add", torch.tensor([4, 4, 4, 4])), ("keep", torch.tensor([1, 2, 3, 4, 5, 6, 7, 8]))]
+    logits = {}
+    with attention.decoding_attention(model):
+        for shared in (False, True):
+            cache = kv_cache.kv_cache(width if shared else width + len(steps), row_capacity=16)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **kv_cache.cache_argument(model, cache))
+            prompt = kv_cache.SharedPrompt(cache, len(steps), 16) if shared else None
+            rows, pos, seen = row_prompt, positions[:, -1], []
+            token = out.logits[:, -1].argmax(-1)
+            for step, (kind, index) in enumerate(steps):
+                for layer in cache.layers:
+                    layer.add_rows(index) if kind == "add" else layer.keep_rows(index)
+                rows, pos, token = ((torch.cat([rows, rows[index]]), torch.cat([pos, pos[index]]), torch.cat([token, token[index]]))
+                                    if kind == "add" else (rows[index], pos[index], token[index]))
+                pos = pos + 1
+                step_mask = torch.cat([mask[rows], torch.ones(len(rows), step + 1, dtype=torch.long)], dim=1)
+                extra = {}
+                if shared:
+                    prompt.set_rows(rows)
+                    extra = {"shared_prompt": prompt}
+                out = model(input_ids=token[:, None], attention_mask=step_mask, position_ids=pos[:, None],
+                            use_cache=True, **kv_cache.cache_argument(model, cache), **extra)
+                token = out.logits[:, -1].argmax(-1)
+                seen.append(out.logits[:, -1])
+            logits[shared] = seen
+            assert cache.get_seq_length() == width + len(steps)
+    assert rows.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # prompt 2 lost its rows, prompt 0 has five
+    for plain, shared in zip(logits[False], logits[True]):
+        torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="one token"):
+        attention.decode_attention(module(), torch.zeros(2, 6, 3, 8), torch.zeros(2, 2, 3, 8),
+                                   torch.zeros(2, 2, 3, 8), None, scaling=1.0, shared_prompt=prompt)
+
+
 def test_the_block_restores_the_attention_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError), attention.decoding_attention(model):

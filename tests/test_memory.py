@@ -30,6 +30,8 @@ def test_the_sampling_plan_counts_the_cache_the_sampler_allocates(tiny, monkeypa
     caches = []
     original = sampling.kv_cache
     monkeypatch.setattr(sampling, "kv_cache", lambda *a, **k: caches.append(original(*a, **k)) or caches[-1])
+    # the plan is a GPU's, whose decoding attention does not share prompts (kv_cache.SharedPrompt)
+    monkeypatch.setattr(sampling, "SHARED_PROMPT_ROWS", 10**9)
     model, tokenizer = tiny["model"], tiny["tokenizer"]
     questions, n, new = ["Who wrote Salt?", "What did Ana write?"], 6, 9
     sampling.sample_token_ids(model, tokenizer, questions, num_samples=n, max_new_tokens=new, batch_size=12,

@@ -235,6 +235,27 @@ def test_answers_with_the_same_prefix_are_decoded_once(model, tokenizer):
     assert seen[3][0] > 2
 
 
+def test_a_shared_prompt_gives_the_same_answers_and_holds_each_prompt_once(model, tokenizer, monkeypatch):
+    """With several answers per question the batch keeps each prompt's keys and values once
+    (kv_cache.SharedPrompt) and its rows' buffers hold generated positions only; the answers are
+    those of a cache where every row holds its prompt (float32: bit for bit)."""
+    made = []
+    original = kv_cache.SharedPrompt.__init__
+    monkeypatch.setattr(kv_cache.SharedPrompt, "__init__", lambda self, *a: made.append(self) or original(self, *a))
+    kwargs = dict(num_samples=7, max_new_tokens=9, seed=5, progress=False)
+    shared = sampling.sample_token_ids(model, tokenizer, QUESTIONS, batch_size=10, **kwargs)
+    assert len(made) == 3  # batches of 10, 10 and 8 answers: each holds >= 4 answers per prompt
+    prompts = [len(encode_prompt(tokenizer, q)) for q in QUESTIONS]
+    assert made[0].prompts == 2 and made[0].length == max(prompts[:2])
+    assert made[0].layers[0][0].shape[:3] == (2, model.config.num_key_value_heads, max(prompts[:2]))
+    monkeypatch.setattr(sampling, "SHARED_PROMPT_ROWS", 10**9)  # every row holds its prompt (as on a GPU)
+    assert sampling.sample_token_ids(model, tokenizer, QUESTIONS, batch_size=10, **kwargs) == shared
+    assert len(made) == 3
+    # greedy decoding (one answer per prompt) never shares
+    sampling.greedy_answers(model, tokenizer, QUESTIONS, max_new_tokens=4, progress=False)
+    assert len(made) == 3
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_samples=0), "num_samples"),
     (dict(num_samples=2.5), "num_samples"),

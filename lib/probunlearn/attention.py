@@ -23,28 +23,43 @@ from probunlearn.hardware import model_device
 NAME = "probunlearn_decode"  # the attention implementation's name in transformers' registry
 
 
-def decode_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+def decode_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
+                     shared_prompt=None, **kwargs):
     """A transformers attention function: `query` (rows, heads, q, dim), `key`/`value` (rows,
     kv_heads, positions, dim), `attention_mask` boolean (rows, 1, q, positions), additive, or None.
-    Single-token queries outside training take the matrix-product path, the rest transformers' sdpa."""
+    Single-token queries outside training take the matrix-product path, the rest transformers' sdpa.
+
+    `shared_prompt` (a `kv_cache.SharedPrompt`, passed to the model's forward call): `key`/`value`
+    are then the generated positions only, and the prompt's positions, which come first, are read
+    from it, once per prompt for all its rows."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows, heads, length, dim = query.shape
     if length != 1 or module.training or kwargs.get("position_bias") is not None:
+        if shared_prompt is not None:
+            raise RuntimeError("a cache with a shared prompt decodes one token per row and step")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     kv_heads = key.shape[1]
     packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads of a key/value head as rows
-    # keys x queries, then transposed: the cache's keys are a view with a stride between rows, which
-    # PyTorch's batched product takes as is on the left but copies when transposed on the right
-    scores = torch.matmul(key, packed.transpose(-1, -2)).transpose(-1, -2) * scaling
+    if query.dtype == torch.float32:
+        scores = torch.matmul(packed, key.transpose(-1, -2))
+    else:  # in bfloat16, keys x queries then transposed is the faster product on a CPU (benchmarks/README.md)
+        scores = torch.matmul(key, packed.transpose(-1, -2)).transpose(-1, -2)
+    if shared_prompt is not None:
+        scores = torch.cat([shared_prompt.scores(packed, module.layer_idx), scores], dim=-1)
+    scores = scores * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights, value)  # rows, kv_heads, groups, dim
+    if shared_prompt is None:
+        out = torch.matmul(weights, value)  # rows, kv_heads, groups, dim
+    else:
+        prompt = shared_prompt.length
+        out = shared_prompt.weighted(weights[..., :prompt], module.layer_idx) + torch.matmul(weights[..., prompt:], value)
     return out.reshape(rows, 1, heads, dim), None
 
 

@@ -215,11 +215,11 @@ class _PackedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
-        return _onednn_product(x, module._packed()[0], module.bias)
+        return _onednn_product(x, module._packed(), module.bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return _onednn_product(grad.contiguous(), ctx.module._packed()[1], None), None
+        return _onednn_product(grad.contiguous(), ctx.module._packed(transposed=True), None), None
 
 
 class OneDNNLinear(torch.nn.Linear):
@@ -232,16 +232,20 @@ class OneDNNLinear(torch.nn.Linear):
     copies are rebuilt when the weight is replaced or changed in place through the parameter; a
     change through `weight.data` (peft's merge) is invisible to it: merge with `merge_adapter`."""
 
-    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _packed(self, transposed: bool = False) -> torch.Tensor:
+        """The weight packed for the forward product, or (`transposed`) its transpose for the input's
+        gradient, packed on first use: decoding and evaluation never pack the latter."""
         key = (self.weight.data_ptr(), self.weight._version)
         cached = getattr(self, "_onednn_packed", None)
         if cached is None or cached[0] != key:
+            cached = (key, {})
+            object.__setattr__(self, "_onednn_packed", cached)  # not a parameter, buffer or submodule
+        if transposed not in cached[1]:
             with torch.inference_mode(False), torch.no_grad():
                 weight = self.weight.detach()
-                cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight, 256),
-                          torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 256))
-            object.__setattr__(self, "_onednn_packed", cached)  # not a parameter, buffer or submodule
-        return cached[1], cached[2]
+                cached[1][transposed] = torch.ops.mkldnn._reorder_linear_weight(
+                    weight.t().contiguous() if transposed else weight, 256)
+        return cached[1][transposed]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = torch.is_grad_enabled()
@@ -252,7 +256,7 @@ class OneDNNLinear(torch.nn.Linear):
         if training and x.requires_grad:
             out = _PackedProduct.apply(flat, self)
         else:
-            out = _onednn_product(flat, self._packed()[0], self.bias)
+            out = _onednn_product(flat, self._packed(), self.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def __deepcopy__(self, memo):

@@ -1,6 +1,12 @@
 """A key/value cache allocated once per batch, for decoding (`sampling`) and for scoring answers after a
 shared prompt (`likelihood.answer_nll`): its layers write into buffers sized up front instead of
 concatenating a new tensor at every step, and keep one row per distinct prefix.
+
+`SharedPrompt` keeps the prompt's keys and values once per prompt while many rows continue it (the n
+answers to one question): the rows' buffers then hold only the generated positions, and
+`attention.decode_attention` reads each prompt's keys once for all its rows (one matrix product per
+prompt and key/value head) instead of once per row. Attention over the cache is memory-bound on a
+CPU, and the prompt is most of what a short answer attends to (`benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -19,14 +25,30 @@ def kv_cache(capacity: int, row_capacity: int = 0):
     from transformers.cache_utils import Cache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
+        capacity_left, offset = capacity, 0  # offset: the prompt positions a SharedPrompt holds
+
         def lazy_initialization(self, key_states, value_states):
             self.dtype, self.device = key_states.dtype, key_states.device
             rows, heads, _, dim = key_states.shape
-            self._keys = key_states.new_empty(max(rows, row_capacity), heads, capacity, dim)
-            self._values = value_states.new_empty(max(rows, row_capacity), heads, capacity, value_states.shape[-1])
+            self._keys = key_states.new_empty(max(rows, row_capacity), heads, self.capacity_left, dim)
+            self._values = value_states.new_empty(max(rows, row_capacity), heads, self.capacity_left,
+                                                  value_states.shape[-1])
             self.rows, self.length = rows, 0
             self._views()
             self.is_initialized = True
+
+        def split_prompt(self, capacity: int, row_capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Hand over the positions cached so far (the prompts, one row each) and start buffers of
+            `capacity` generated positions and `row_capacity` rows, holding the same rows, empty."""
+            keys, values = self.keys.contiguous(), self.values.contiguous()
+            _, heads, _, dim = self._keys.shape
+            self.offset, self.capacity_left = self.length, capacity
+            self._keys = self._keys.new_empty(max(self.rows, row_capacity), heads, capacity, dim)
+            self._values = self._values.new_empty(max(self.rows, row_capacity), heads, capacity,
+                                                  self._values.shape[-1])
+            self.length = 0
+            self._views()
+            return keys, values
 
         def _views(self):
             self.keys = self._keys[:self.rows, :, :self.length]
@@ -36,8 +58,8 @@ def kv_cache(capacity: int, row_capacity: int = 0):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             end = self.length + key_states.shape[-2]
-            if end > capacity:
-                raise RuntimeError(f"key/value cache of {capacity} positions is full")
+            if end > self.capacity_left:
+                raise RuntimeError(f"key/value cache of {self.offset + self.capacity_left} positions is full")
             if key_states.shape[0] != self.rows:
                 raise RuntimeError(f"the cache holds {self.rows} rows but the model ran {key_states.shape[0]}")
             self._keys[:self.rows, :, self.length:end] = key_states
@@ -47,10 +69,10 @@ def kv_cache(capacity: int, row_capacity: int = 0):
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
-            return self.length if self.is_initialized else 0
+            return self.offset + self.length if self.is_initialized else 0
 
         def get_max_length(self) -> int:
-            return capacity
+            return self.offset + self.capacity_left
 
         def add_rows(self, parents: torch.Tensor) -> None:
             if not self.is_initialized:
@@ -82,6 +104,55 @@ def kv_cache(capacity: int, row_capacity: int = 0):
             raise NotImplementedError
 
     return Cache(layer_class_to_replicate=PreallocatedLayer)
+
+
+class SharedPrompt:
+    """The prompts' keys and values of a `kv_cache` after its prompts were run (one row per prompt),
+    kept once: `SharedPrompt(cache, capacity, row_capacity)` moves them out of every layer's buffers,
+    which then hold `capacity` generated positions for up to `row_capacity` rows. Before each decoding
+    step, `set_rows(row_prompt)` says which prompt each row of the cache continues; pass the object
+    to the model's forward call as `shared_prompt=` (transformers hands it to the attention function,
+    which must be `attention.decode_attention`: the cache's layers return the generated positions only).
+
+    For its products, the rows of each prompt are gathered into a padded block of `width` rows
+    (`order`: prompts x width row indices, padding repeats row 0) and read back by (prompt, place)."""
+
+    def __init__(self, cache, capacity: int, row_capacity: int):
+        self.layers = [layer.split_prompt(capacity, row_capacity) for layer in cache.layers]
+        self.prompts, _, self.length, _ = self.layers[0][0].shape
+        self.set_rows(torch.arange(self.prompts, device=self.layers[0][0].device))
+
+    def set_rows(self, row_prompt: torch.Tensor) -> None:
+        counts = torch.bincount(row_prompt, minlength=self.prompts)
+        self.width = int(counts.max())
+        by_prompt = torch.argsort(row_prompt, stable=True)
+        prompt = row_prompt[by_prompt]
+        place = torch.arange(len(row_prompt), device=row_prompt.device) - (counts.cumsum(0) - counts)[prompt]
+        self.order = torch.zeros(self.prompts, self.width, dtype=torch.long, device=row_prompt.device)
+        self.order[prompt, place] = by_prompt
+        self.row_prompt = row_prompt
+        self.row_place = torch.empty_like(row_prompt)
+        self.row_place[by_prompt] = place
+
+    def _by_prompt(self, per_row: torch.Tensor, layer: int, part: int) -> torch.Tensor:
+        """per_row (rows, kv_heads, groups, k) times each row's prompt keys (part 0, transposed: k = dim)
+        or values (part 1: k = prompt positions) -> (rows, kv_heads, groups, positions or dim)."""
+        store = self.layers[layer][part]  # (prompts, kv_heads, positions, dim)
+        rows, kv_heads, groups, k = per_row.shape
+        block = per_row[self.order.view(-1)].view(self.prompts, self.width, kv_heads, groups, k)
+        block = block.transpose(1, 2).reshape(self.prompts * kv_heads, self.width * groups, k)
+        other = store.reshape(self.prompts * kv_heads, *store.shape[2:])
+        out = torch.bmm(block, other.transpose(1, 2) if part == 0 else other)
+        out = out.view(self.prompts, kv_heads, self.width, groups, out.shape[-1])
+        return out[self.row_prompt, :, self.row_place]  # (rows, kv_heads, groups, n)
+
+    def scores(self, packed: torch.Tensor, layer: int) -> torch.Tensor:
+        """packed queries (rows, kv_heads, groups, dim) -> scores over the prompt positions."""
+        return self._by_prompt(packed, layer, 0)
+
+    def weighted(self, weights: torch.Tensor, layer: int) -> torch.Tensor:
+        """attention weights over the prompt positions (rows, kv_heads, groups, positions) -> values."""
+        return self._by_prompt(weights, layer, 1)
 
 
 @functools.lru_cache(maxsize=None)

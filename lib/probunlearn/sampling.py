@@ -27,7 +27,9 @@ two rows (the key/value cache row is copied). This is exact: only compute is sha
 random number. It saves little on a base model, whose samples part after a few tokens, and most
 of the work on a fine-tuned model, which repeats a memorised answer in most samples
 (`benchmarks/README.md`). The key/value cache is allocated once (no concatenation per step);
-rows whose answers all ended are dropped once they are 1/16 of the batch. Weights run in the
+rows whose answers all ended are dropped once they are 1/16 of the batch. On a CPU, a batch with
+several answers per question keeps each prompt's keys and values once (`kv_cache.SharedPrompt`):
+the attention reads them once per prompt, not once per answer. Weights run in the
 dtype they were loaded in (bfloat16 on a CPU with AMX, see `hardware.default_dtype`);
 the sampling math is float32 and float64. On a CPU, decoding steps compute attention as matrix
 products (`attention.decode_attention`, what transformers' eager attention computes) rather than
@@ -55,9 +57,10 @@ import torch
 from tqdm.auto import tqdm
 
 from probunlearn import draws, memory
+from probunlearn.attention import NAME as DECODE_ATTENTION
 from probunlearn.attention import decoding_attention
 from probunlearn.hardware import model_device, reuse_freed_memory
-from probunlearn.kv_cache import cache_argument, kv_cache
+from probunlearn.kv_cache import SharedPrompt, cache_argument, kv_cache
 from probunlearn.models import encode_prompt, full_precision, full_precision_changes
 from probunlearn.processors import DecodingStep, LogitsProcessor, StepObserver, row_aware
 from probunlearn.utils import renamed_arguments
@@ -66,6 +69,7 @@ __all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers"
            "answer_texts", "GREEDY"]
 
 DEFAULT_ROWS = 512  # rows (question, sample) decoded together on a CPU; measured in benchmarks/README.md
+SHARED_PROMPT_ROWS = 4  # answers per prompt from which a batch keeps each prompt's keys and values once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +114,17 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     answers = len(row_prompt)
-    cache = kv_cache(width + max_new_tokens, row_capacity=len(prompts) + answers)
+    # the prompts' keys and values kept once (kv_cache.SharedPrompt) where several answers continue
+    # each prompt and the decoding attention is ours (a CPU); else every row holds its prompt
+    shared = (getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION
+              and answers >= SHARED_PROMPT_ROWS * len(prompts))
+    cache = kv_cache(width if shared else width + max_new_tokens,
+                     row_capacity=len(prompts) if shared else len(prompts) + answers)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
     logits = out.logits[:, -1]
+    shared_prompt = SharedPrompt(cache, max_new_tokens, len(prompts) + answers) if shared else None
+    step_arguments = {"shared_prompt": shared_prompt} if shared else {}
 
     # rows ("slots") of the forward pass: distinct prefixes; slot s continues prompt slot_prompt[s]
     slot_prompt = torch.arange(len(prompts), device=device)
@@ -211,8 +222,10 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             answer_slot = remap[answer_slot]
         mask = torch.cat([prompt_mask[slot_prompt], torch.ones((len(slot_prompt), step + 1), dtype=torch.long,
                                                                 device=device)], dim=1)
+        if shared_prompt is not None:
+            shared_prompt.set_rows(slot_prompt)
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=slot_pos[:, None], use_cache=True,
-                    **cache_argument(model, cache))
+                    **cache_argument(model, cache), **step_arguments)
         logits = out.logits[:, -1]
         slot_pos = slot_pos + 1
     if on_step is not None:
