@@ -5,8 +5,9 @@ concatenating a new tensor at every step, and keep one row per distinct prefix.
 `SharedPrompt` keeps the prompt's keys and values once per prompt while many rows continue it (the n
 answers to one question): the rows' buffers then hold only the generated positions, and
 `attention.decode_attention` reads each prompt's keys once for all its rows (one matrix product per
-prompt and key/value head) instead of once per row. Attention over the cache is memory-bound on a
-CPU, and the prompt is most of what a short answer attends to (`benchmarks/README.md`).
+prompt and key/value head) instead of once per row: the prompt is much of what a short answer
+attends to, and one product over a prompt's rows costs far less than as many small ones
+(`benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class SharedPrompt:
         """per_row (rows, kv_heads, groups, k) times each row's prompt keys (part 0, transposed: k = dim)
         or values (part 1: k = prompt positions) -> (rows, kv_heads, groups, positions or dim)."""
         store = self.layers[layer][part]  # (prompts, kv_heads, positions, dim)
-        rows, kv_heads, groups, k = per_row.shape
+        _, kv_heads, groups, k = per_row.shape
         block = per_row[self.order.view(-1)].view(self.prompts, self.width, kv_heads, groups, k)
         block = block.transpose(1, 2).reshape(self.prompts * kv_heads, self.width * groups, k)
         other = store.reshape(self.prompts * kv_heads, *store.shape[2:])
