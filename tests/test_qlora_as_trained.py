@@ -1,14 +1,15 @@
 """A QLoRA model is evaluated as it was trained (issue 25): a 4-bit base with its adapter beside it,
 not the adapter merged and quantised again. On the tiny model in 4-bit on this CPU: the forget NLL
 of a QLoRA-fine-tuned target in memory and of its saved copy reloaded are equal (the merged and
-re-quantised copy is not), and an unlearning adapter stacked beside it starts from the target, keeps
+re-quantised copy is not; nor is a full-precision copy unless the adapter is merged into the
+NF4-rounded base), and an unlearning adapter stacked beside it starts from the target, keeps
 the target as its NPO reference and mixing endpoint, and reloads equal too."""
 
 import pytest
 import torch
 
 from probunlearn.control import mixed_model
-from probunlearn.models import is_stacked, load_model, reference_model, save_adapter
+from probunlearn.models import is_stacked, load_adapter, load_model, merge_adapter, reference_model, save_adapter
 from probunlearn.training import finetune
 from probunlearn.unlearning import start_unlearning, unlearn
 from tiny_unlearning import FORGET, RETAIN, forget_nll
@@ -44,6 +45,14 @@ def test_a_qlora_model_reloads_as_trained_and_unlearns_from_it(tiny64, tmp_path,
     merged, _ = load_model(target_dir, quantization="4bit", device="cpu", merge=True)
     assert float(forget_nll(reloaded, tokenizer)) == pytest.approx(in_memory, abs=1e-5)
     assert abs(float(forget_nll(merged, tokenizer)) - in_memory) > 1e-4  # re-quantised: another model
+    # in full precision (notebook 04's full fine-tuning, 06's relearning): merged into the NF4-rounded
+    # base it was trained on, the same model; merged into the unrounded base, another one
+    full, _ = load_model(target_dir, device="cpu")
+    assert not hasattr(full, "peft_config") and next(full.parameters()).dtype == torch.float32
+    assert float(forget_nll(full, tokenizer)) == pytest.approx(in_memory, abs=1e-5)
+    plain, _ = load_model(str(tiny64), device="cpu")
+    unrounded = merge_adapter(load_adapter(plain, target_dir))
+    assert abs(float(forget_nll(unrounded, tokenizer)) - in_memory) > 1e-3
 
     model, _ = start_unlearning(target_dir, quantization="4bit", lora_r=2, device="cpu")
     assert is_stacked(model)
@@ -64,9 +73,12 @@ def test_a_qlora_model_reloads_as_trained_and_unlearns_from_it(tiny64, tmp_path,
     again, _ = load_model(saved, quantization="4bit", device="cpu")
     assert is_stacked(again) and not any(p.requires_grad for p in again.parameters())
     assert float(forget_nll(again, tokenizer)) == pytest.approx(unlearned, abs=1e-5)
+    for merge in (None, True):  # in full precision: the unlearning adapter beside, or merged too
+        plain_again, _ = load_model(saved, device="cpu", merge=merge)
+        assert float(forget_nll(plain_again, tokenizer)) == pytest.approx(unlearned, abs=1e-5)
 
     # what vLLM is given for it in 4-bit: one concatenated adapter on the raw base, the same model
-    from probunlearn.models import concatenated_adapter, load_adapter
+    from probunlearn.models import concatenated_adapter
     from probunlearn.vllm_backend import engine_model
 
     base, adapter = engine_model(saved, quantization="4bit")

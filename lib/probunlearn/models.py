@@ -118,7 +118,8 @@ def load_model(
     quantization: None (plain weights) or `"4bit"` (bitsandbytes NF4, the QLoRA path; it also runs
         on a CPU, slowly). An adapter trained on a 4-bit base (`trained_on_4bit`) then loads as it
         was trained, the 4-bit base with the adapter(s) beside it, unless `merge=True` asks for the
-        merged-then-quantised model.
+        merged-then-quantised model. Without quantization, such an adapter is merged into its base
+        rounded to NF4 and dequantised (`nf4_rounded`): the model as trained, in full precision.
     dtype, device: see the module docstring for the defaults.
     merge: for a `save_adapter` directory, whether the adapter is added into its base's weights (a
         plain model) or kept beside them (a peft model, exactly the model that was trained). None
@@ -151,8 +152,12 @@ def load_model(
             with _quiet_peft():
                 return PeftModel.from_pretrained(base, str(path)).eval(), tokenizer
         # Merged in full precision, then quantised: one rounding. (peft's merge into 4-bit layers
-        # dequantises the already rounded base, adds the update and rounds again.)
-        base, tokenizer = load_model(adapter_base(path), dtype=dtype, device=device)
+        # dequantises the already rounded base, adds the update and rounds again.) A QLoRA adapter on a
+        # plain model was trained on the NF4-rounded base, so it is merged into that, dequantised.
+        if quantization is None and trained_on_4bit(path) and merges_by_default(path):
+            base, tokenizer = nf4_rounded(adapter_base(path), dtype=dtype, device=device)
+        else:
+            base, tokenizer = load_model(adapter_base(path), dtype=dtype, device=device)
         with _quiet_peft():
             model = merge_adapter(PeftModel.from_pretrained(base, str(path)))
         if quantization == "4bit":
@@ -186,6 +191,34 @@ def _hub_error(name_or_path, err: Exception) -> OSError:
         f"could not provide it (offline?). Offline, use the embedded default model "
         f"{DEFAULT_MODEL!r} (`load_model()`), or pass a local directory. Original error: {err}"
     )
+
+
+def nf4_rounded(name_or_path: str | os.PathLike, *, dtype: torch.dtype, device: str):
+    """`(model, tokenizer)`: the plain model whose layers that bitsandbytes quantises in 4-bit hold
+    their NF4 values, dequantised (to `dtype`): the base a QLoRA adapter was trained on, in full
+    precision. A QLoRA target merged into it is the target as trained (`load_model` does so for a
+    plain load of a 4-bit-trained adapter, e.g. notebook 04's full fine-tuning and notebook 06's
+    relearning); merged into the unrounded base, it would be another model, as far from the trained
+    one as an NF4 step."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from probunlearn.quantization import _plain_4bit
+
+    model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
+    four, _ = load_model(name_or_path, quantization="4bit", dtype=dtype, device=device)
+    layers = dict(model.named_modules())
+    rounded = 0
+    with torch.no_grad():
+        for name, module in four.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                codes, state = _plain_4bit(module)
+                weight = layers[name].weight
+                weight.copy_(dequantize_4bit(codes, state).reshape(weight.shape).to(weight.dtype))  # oneDNN repacks
+                rounded += 1
+    if not rounded:
+        raise RuntimeError(f"bitsandbytes quantised no layer of {str(name_or_path)!r} in 4-bit")
+    return model, tokenizer
 
 
 def trained_on_4bit(adapter_dir: str | os.PathLike) -> bool:
