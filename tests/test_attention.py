@@ -111,7 +111,7 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
             cache = kv_cache.kv_cache(width if shared else width + len(steps), row_capacity=16)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **kv_cache.cache_argument(model, cache))
-            prompt = kv_cache.SharedPrompt(cache, len(steps), 16) if shared else None
+            prompt = kv_cache.SharedPrompt(cache, len(steps), 16, mask) if shared else None
             rows, pos, seen = row_prompt, positions[:, -1], []
             token = out.logits[:, -1].argmax(-1)
             for step, (kind, index) in enumerate(steps):
@@ -122,9 +122,9 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
                 pos = pos + 1
                 step_mask = torch.cat([mask[rows], torch.ones(len(rows), step + 1, dtype=torch.long)], dim=1)
                 extra = {}
-                if shared:
+                if shared:  # no mask: the prompts' padding is the shared prompt's, as the sampler runs it
                     prompt.set_rows(rows)
-                    extra = {"shared_prompt": prompt}
+                    extra, step_mask = {"shared_prompt": prompt}, None
                 out = model(input_ids=token[:, None], attention_mask=step_mask, position_ids=pos[:, None],
                             use_cache=True, **kv_cache.cache_argument(model, cache), **extra)
                 token = out.logits[:, -1].argmax(-1)

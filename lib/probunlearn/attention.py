@@ -31,7 +31,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling: float, 
 
     `shared_prompt` (a `kv_cache.SharedPrompt`, passed to the model's forward call): `key`/`value`
     are then the generated positions only, and the prompt's positions, which come first, are read
-    from it, once per prompt for all its rows."""
+    from it, once per prompt for all its rows; `attention_mask` is then not read (the prompts'
+    padding is the shared prompt's, the generated positions are all attended)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows, heads, length, dim = query.shape
@@ -46,10 +47,11 @@ def decode_attention(module, query, key, value, attention_mask, scaling: float, 
         scores = torch.matmul(packed, key.transpose(-1, -2))
     else:  # in bfloat16, keys x queries then transposed is the faster product on a CPU (benchmarks/README.md)
         scores = torch.matmul(key, packed.transpose(-1, -2)).transpose(-1, -2)
-    if shared_prompt is not None:
-        scores = torch.cat([shared_prompt.scores(packed, module.layer_idx), scores], dim=-1)
-    scores = scores * scaling
-    if attention_mask is not None:
+    if shared_prompt is not None:  # scaled in the products, the prompts' padding from shared_prompt: no mask
+        scores = torch.cat([shared_prompt.scores(packed, module.layer_idx, scaling), scores.mul_(scaling)], dim=-1)
+    else:
+        scores = scores * scaling
+    if attention_mask is not None and shared_prompt is None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:

@@ -109,8 +109,11 @@ def kv_cache(capacity: int, row_capacity: int = 0):
 
 class SharedPrompt:
     """The prompts' keys and values of a `kv_cache` after its prompts were run (one row per prompt),
-    kept once: `SharedPrompt(cache, capacity, row_capacity)` moves them out of every layer's buffers,
-    which then hold `capacity` generated positions for up to `row_capacity` rows. Before each decoding
+    kept once: `SharedPrompt(cache, capacity, row_capacity, prompt_mask)` moves them out of every layer's
+    buffers, which then hold `capacity` generated positions for up to `row_capacity` rows. The prompts'
+    padding comes from `prompt_mask` (prompts x positions, 0 at padding; None: none), added to their
+    scores once per prompt; the generated positions are all attended, so the attention needs no mask
+    (the model's forward call may pass `attention_mask=None`; one passed is not read). Before each decoding
     step, `set_rows(row_prompt)` says which prompt each row of the cache continues; pass the object
     to the model's forward call as `shared_prompt=` (transformers hands it to the attention function,
     which must be `attention.decode_attention`: the cache's layers return the generated positions only).
@@ -118,10 +121,16 @@ class SharedPrompt:
     For its products, the rows of each prompt are gathered into a padded block of `width` rows
     (`order`: prompts x width row indices, padding repeats row 0) and read back by (prompt, place)."""
 
-    def __init__(self, cache, capacity: int, row_capacity: int):
+    def __init__(self, cache, capacity: int, row_capacity: int, prompt_mask: torch.Tensor | None = None):
         self.layers = [layer.split_prompt(capacity, row_capacity) for layer in cache.layers]
-        self.prompts, _, self.length, _ = self.layers[0][0].shape
-        self.set_rows(torch.arange(self.prompts, device=self.layers[0][0].device))
+        keys = self.layers[0][0]
+        self.prompts, kv_heads, self.length, _ = keys.shape
+        # the prompts' padding (prompt_mask 0: left padding) as -inf added to their scores, once per prompt
+        bias = torch.zeros(self.prompts, self.length, dtype=keys.dtype, device=keys.device)
+        if prompt_mask is not None:
+            bias = bias.masked_fill(prompt_mask.to(keys.device) == 0, float("-inf"))
+        self.bias = bias[:, None, None, :].expand(-1, kv_heads, 1, -1).reshape(self.prompts * kv_heads, 1, self.length)
+        self.set_rows(torch.arange(self.prompts, device=keys.device))
 
     def set_rows(self, row_prompt: torch.Tensor) -> None:
         counts = torch.bincount(row_prompt, minlength=self.prompts)
@@ -135,21 +144,26 @@ class SharedPrompt:
         self.row_place = torch.empty_like(row_prompt)
         self.row_place[by_prompt] = place
 
-    def _by_prompt(self, per_row: torch.Tensor, layer: int, part: int) -> torch.Tensor:
-        """per_row (rows, kv_heads, groups, k) times each row's prompt keys (part 0, transposed: k = dim)
-        or values (part 1: k = prompt positions) -> (rows, kv_heads, groups, positions or dim)."""
+    def _by_prompt(self, per_row: torch.Tensor, layer: int, part: int, scaling: float = 1.0) -> torch.Tensor:
+        """per_row (rows, kv_heads, groups, k) times each row's prompt keys (part 0, transposed: k = dim;
+        times `scaling`, plus the padding's -inf) or values (part 1: k = prompt positions) ->
+        (rows, kv_heads, groups, positions or dim)."""
         store = self.layers[layer][part]  # (prompts, kv_heads, positions, dim)
         _, kv_heads, groups, k = per_row.shape
         block = per_row[self.order.view(-1)].view(self.prompts, self.width, kv_heads, groups, k)
         block = block.transpose(1, 2).reshape(self.prompts * kv_heads, self.width * groups, k)
         other = store.reshape(self.prompts * kv_heads, *store.shape[2:])
-        out = torch.bmm(block, other.transpose(1, 2) if part == 0 else other)
+        if part == 0:
+            out = torch.baddbmm(self.bias, block, other.transpose(1, 2), alpha=scaling)
+        else:
+            out = torch.bmm(block, other)
         out = out.view(self.prompts, kv_heads, self.width, groups, out.shape[-1])
         return out[self.row_prompt, :, self.row_place]  # (rows, kv_heads, groups, n)
 
-    def scores(self, packed: torch.Tensor, layer: int) -> torch.Tensor:
-        """packed queries (rows, kv_heads, groups, dim) -> scores over the prompt positions."""
-        return self._by_prompt(packed, layer, 0)
+    def scores(self, packed: torch.Tensor, layer: int, scaling: float = 1.0) -> torch.Tensor:
+        """packed queries (rows, kv_heads, groups, dim) -> scores over the prompt positions, times
+        `scaling`, -inf at the prompt's padding."""
+        return self._by_prompt(packed, layer, 0, scaling)
 
     def weighted(self, weights: torch.Tensor, layer: int) -> torch.Tensor:
         """attention weights over the prompt positions (rows, kv_heads, groups, positions) -> values."""

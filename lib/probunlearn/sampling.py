@@ -123,7 +123,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
     logits = out.logits[:, -1]
-    shared_prompt = SharedPrompt(cache, max_new_tokens, len(prompts) + answers) if shared else None
+    shared_prompt = SharedPrompt(cache, max_new_tokens, len(prompts) + answers, prompt_mask) if shared else None
     step_arguments = {"shared_prompt": shared_prompt} if shared else {}
 
     # rows ("slots") of the forward pass: distinct prefixes; slot s continues prompt slot_prompt[s]
@@ -220,10 +220,12 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
                 sequences = sequences[keep]
             states = {k: v[keep] for k, v in states.items()}
             answer_slot = remap[answer_slot]
-        mask = torch.cat([prompt_mask[slot_prompt], torch.ones((len(slot_prompt), step + 1), dtype=torch.long,
-                                                                device=device)], dim=1)
-        if shared_prompt is not None:
+        if shared_prompt is not None:  # the prompts' padding is the shared prompt's: no mask to build
             shared_prompt.set_rows(slot_prompt)
+            mask = None
+        else:
+            mask = torch.cat([prompt_mask[slot_prompt], torch.ones((len(slot_prompt), step + 1), dtype=torch.long,
+                                                                    device=device)], dim=1)
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=slot_pos[:, None], use_cache=True,
                     **cache_argument(model, cache), **step_arguments)
         logits = out.logits[:, -1]
