@@ -51,10 +51,9 @@ def decode_attention(module, query, key, value, attention_mask, scaling: float, 
         scores = torch.cat([shared_prompt.scores(packed, module.layer_idx, scaling), scores.mul_(scaling)], dim=-1)
     else:
         scores = scores * scaling
-    if attention_mask is not None and shared_prompt is None:
-        if attention_mask.dtype == torch.bool:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
+        elif attention_mask is not None:
             scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if shared_prompt is None:
