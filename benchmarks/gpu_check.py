@@ -21,18 +21,26 @@ here from the embedded model), and runs, printing one line per check:
 8. `batch_changes`: the share of answers that change with the batch size in the GPU's dtype
    (bfloat16 rounds differently in another batch; reported, and must stay a minority);
 9. `memory_<model>`: phi-1.5 and Llama-3.2-1B shapes with random weights: [P1]'s n = 128 answers of
-   128 tokens at the batch our sampler plans for a 24 GB budget, and a LoRA step of 64 rows of 256
-   tokens with gradient checkpointing; each measured peak against its `memory` plan (at most the
-   plan, at least a third of it);
+   128 tokens at the batch our sampler plans for a 24 GB budget, a LoRA step of 32 rows of 256
+   tokens with gradient checkpointing, and the same step in parts of 8 rows (`unlearn`'s
+   micro-batches); each measured peak against its `memory` plan (at most the plan, at least a third
+   of it), the parts' below the whole step's;
 10. `speed`: tokens per second of our sampler and of `model.generate` on the same workload, and the
-   peak GPU memory; on a GPU ours must be at least as fast.
+   peak GPU memory; on a GPU ours must be at least as fast;
+11. `notebooks` (with `--notebooks`): the smoke profile's notebooks 01-05 run by papermill on this
+   device, `MODEL` set to the random-weight model saved as a folder: each must run and write what
+   the next one reads (their findings mean nothing on random weights); the time of each is printed.
 
 Needs torch (CUDA), transformers, peft, accelerate, safetensors, numpy, scipy, pandas, tqdm and, for
-the 4-bit checks, bitsandbytes (a wheel; `pip install bitsandbytes-*.whl`). It imports probunlearn
-from `lib/` of this checkout; datasets, rouge-score and papermill are not needed (so the notebooks
-themselves do not run here).
+the 4-bit checks, bitsandbytes; for `--notebooks` also papermill, its kernel (ipykernel), datasets,
+rouge-score, matplotlib and seaborn. It imports probunlearn from `lib/` of this checkout (and hands
+that folder to the notebooks' kernels). A bare GPU machine lacks some of them and cannot download:
+`benchmarks/gpu_bundle.py` gathers here, in `gpu-bundle/`, the wheels such a machine lacks (at this
+project's lock), bitsandbytes cut to its CUDA 13 libraries, and the model's config and tokenizer
+files, with the command to run there (it prints it).
 
-    python benchmarks/gpu_check.py --files smollm2-files            # on the GPU machine: < 10 min
+    python benchmarks/gpu_bundle.py                                  # here: gpu-bundle/ and the command
+    python benchmarks/gpu_check.py --files gpu-bundle/smollm2-files --notebooks   # there: < 10 min
     python benchmarks/gpu_check.py --device cpu --small             # the dry run the tests do here
     python benchmarks/gpu_check.py --export-files smollm2-files     # here: config + tokenizer only
 """
@@ -258,8 +266,9 @@ def check_memory(name: str, config, device: str, small: bool) -> bool:
     """Measured peak GPU memory of sampling at [P1]'s sizes and of a LoRA step, against `memory`'s plans."""
     from probunlearn import memory
     from probunlearn.models import add_lora, encode_prompt
-    from probunlearn.objectives import StepOutputs
+    from probunlearn.objectives import StepOutputs, step_counts
     from probunlearn.sampling import planned_rows, sample_token_ids
+    from probunlearn.unlearning import step_parts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -268,6 +277,7 @@ def check_memory(name: str, config, device: str, small: bool) -> bool:
                        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     samples, tokens, rows, width = (8, 8, 4, 32) if small else (128, 128, 32, 256)
+    part = rows // 4  # rows of one micro-batch
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(FILES_DIR)  # SmolLM2's: token ids below every vocabulary here
@@ -296,21 +306,34 @@ def check_memory(name: str, config, device: str, small: bool) -> bool:
     step_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     train_plan = memory.training_plan(shape, tokens=rows * width, answer_tokens=rows * (width // 2), lora_r=32,
                                       dtype=dtype, quantization=None, gradient_checkpointing=True)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    part_plan = memory.training_plan(shape, tokens=part * width, answer_tokens=part * (width // 2), lora_r=32,
+                                     dtype=dtype, quantization=None, gradient_checkpointing=True)
     peft_model.train()
-    out = StepOutputs(peft_model, {"forget": step_batch})
-    out.nll("forget").backward()
-    trained = torch.cuda.max_memory_allocated() if cuda else 0
+    peaks, gradients = [], []
+    for micro in (None, part):  # the whole step, then in parts (unlearning.step_parts, StepOutputs.mean)
+        peft_model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        batches = {"forget": step_batch}
+        counts = step_counts(batches)
+        for piece in step_parts(batches, micro):
+            StepOutputs(peft_model, piece, counts=counts).nll("forget").backward()
+        peaks.append(torch.cuda.max_memory_allocated() if cuda else 0)
+        gradients.append(torch.cat([p.grad.float().flatten() for p in peft_model.parameters() if p.grad is not None]))
+    trained, in_parts = peaks
+    same = torch.allclose(gradients[0], gradients[1], rtol=2e-2, atol=1e-4 * float(gradients[0].abs().max()))
     within = lambda measured, plan: plan.total - memory.OVERHEAD >= measured >= (plan.total - memory.OVERHEAD) / 3
-    ok = (within(sampled, plan) and within(trained, train_plan)) if cuda else batch >= 1
+    ok = same and ((within(sampled, plan) and within(trained, train_plan) and within(in_parts, part_plan)
+                    and in_parts < trained) if cuda else batch >= 1)
     gb = lambda b: f"{b / memory.GB:.1f}"
     detail = (f"{shape.params / 1e9:.2f} B parameters; sampling {len(questions)} x {samples} x {tokens} at the planned "
               f"batch {batch}: {gb(sampled)} GB measured, plan {gb(plan.total - memory.OVERHEAD)}; LoRA step of "
               f"{rows} x {width} tokens, checkpointed: {gb(trained)} GB measured, plan "
-              f"{gb(train_plan.total - memory.OVERHEAD)} (plans without the {gb(memory.OVERHEAD)} GB of overhead)")
-    del model, peft_model, out
+              f"{gb(train_plan.total - memory.OVERHEAD)}; in parts of {part} rows: {gb(in_parts)} GB measured, plan "
+              f"{gb(part_plan.total - memory.OVERHEAD)}, gradients {'the same' if same else 'DIFFERENT'} "
+              f"(plans without the {gb(memory.OVERHEAD)} GB of overhead)")
+    del model, peft_model
     if cuda:
         torch.cuda.empty_cache()
     return line(f"memory_{name}", ok, detail, started)
@@ -347,6 +370,50 @@ def check_speed(model, tokenizer, questions: int, samples: int, tokens: int) -> 
                 f"({questions} x {samples} x {tokens}){memory}", started)
 
 
+NOTEBOOKS = ("01", "02", "03", "04", "05")
+
+
+def check_notebooks(model, tokenizer, profile: str = "smoke", numbers=NOTEBOOKS, overrides: dict | None = None) -> bool:
+    """The notebooks `numbers` of `profile` run in order by papermill on the model's device, with
+    MODEL the random-weight model saved as a folder (and `overrides` of other settings); each must
+    finish and leave what it writes last (`reproduce.FINISHED`). Their numbers are those of random
+    weights: only that they run is checked."""
+    import papermill as pm
+
+    from probunlearn import reproduce
+
+    started = time.perf_counter()
+    lib = str(Path(__file__).resolve().parents[1] / "lib")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH")) if p)  # the kernels
+    times, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="gpu-check-notebooks-") as folder:
+        root, saved = Path(folder), Path(folder) / "random-model"
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+        results, figures = root / "results", root / "figures"
+        for notebook in reproduce.notebooks():
+            number = notebook.name[:2]
+            if number not in numbers:
+                continue
+            parameters = reproduce.parameters_for(notebook, profile, results, figures)
+            parameters.update({k: v for k, v in {**(overrides or {}), "MODEL": str(saved)}.items() if k in parameters})
+            tick = time.perf_counter()
+            try:
+                pm.execute_notebook(str(notebook), str(root / notebook.name), parameters=parameters,
+                                    cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
+                                    kernel_manager_class=reproduce.NotebookKernelManager)
+                finished = (results / profile / reproduce.FINISHED[number]).exists()
+            except Exception as error:  # noqa: BLE001 - reported on the check's line, the next notebooks skipped
+                print(f"  {notebook.name}: {type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}")
+                finished = False
+            times.append(f"{number} {time.perf_counter() - tick:.0f} s" + ("" if finished else " FAILED"))
+            if not finished:
+                ok = False
+                break
+    return line("notebooks", ok and len(times) == len(numbers),
+                f"profile {profile}, MODEL = the random-weight model, on {model.device.type}: " + ", ".join(times), started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=Path, help="folder with config.json and the tokenizer files (default: the embedded model's)")
@@ -354,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a 2-block model and small workloads (the CPU dry run)")
     parser.add_argument("--no-4bit", action="store_true", help="skip the QLoRA checks (no bitsandbytes)")
+    parser.add_argument("--notebooks", nargs="?", const=",".join(NOTEBOOKS), default=None, metavar="01,02,...",
+                        help="also run these smoke notebooks with the random-weight model (default 01-05)")
+    parser.add_argument("--notebooks-only", action="store_true", help="with --notebooks: that check alone")
     args = parser.parse_args(argv)
     if args.export_files:
         export_files(args.export_files)
@@ -373,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = model.dtype
     results = [line("setup", True, f"{name}; torch {torch.__version__}, transformers {transformers.__version__}; "
                     f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M random weights in {model.dtype}", started)]
+    small = {"LORA_TOP_LAYERS": None} if args.small else {}  # the small model has 2 blocks
+    if args.notebooks and args.notebooks_only:
+        ok = check_notebooks(model, tokenizer, numbers=tuple(args.notebooks.split(",")), overrides=small)
+        print(f"gpu_check: {'1 of 1 check ok' if ok else 'the notebooks check failed'} in {time.perf_counter() - started:.0f} s")
+        return 0 if ok else 1
     steps = 3 if args.small else 10
     results.append(check_finetune(model, tokenizer, steps))
     if not args.no_4bit:
@@ -385,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(dtype)  # back to the GPU's dtype
     results.append(check_batch_changes(model, tokenizer, 8 if args.small else 64))
     results.append(check_speed(model, tokenizer, *((2, 8, 8) if args.small else (8, 64, 48))))
+    if args.notebooks:
+        results.append(check_notebooks(model, tokenizer, numbers=tuple(args.notebooks.split(",")), overrides=small))
     del model
     from probunlearn.memory import paper_configs
 

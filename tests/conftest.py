@@ -67,12 +67,17 @@ RUN_PROFILES = ("smoke", "tofu-smoke")
 # up to date and runs 07. (The tofu-smoke run takes about 3/4 of the smoke chain's time: with the smoke
 # notebooks in one process, the fixture waited for that chain alone, 628 s against tofu-smoke's 450 s on
 # the AVX2 stand-in, 2026-12-05.)
+# The GPU check's notebooks check (benchmarks/gpu_check.py --notebooks: the smoke notebooks with MODEL a
+# saved random-weight model), dry-run on notebooks 01-02 with a 2-block model, fills the core that smoke 06
+# leaves idle while smoke 04 finishes (about 40 s).
 LONE_NOTEBOOK = {"smoke": "05"}
+GPU_CHECK_NOTEBOOKS = "01,02"
 # name: (profile, notebooks (None: all), the steps it waits for); at most two run at once, in this order
 STEPS = {"smoke 05": ("smoke", [LONE_NOTEBOOK["smoke"]], ()),
          "tofu-smoke": ("tofu-smoke", None, ()),
          "smoke 04": ("smoke", ["04"], ("smoke 05",)),
          "smoke 06": ("smoke", ["06"], ("smoke 05", "tofu-smoke")),
+         "gpu-check": ("gpu-check", None, ("tofu-smoke",)),
          "smoke": ("smoke", None, ("smoke 04", "smoke 06"))}
 
 
@@ -81,19 +86,22 @@ def _profile_runs(tmp_path_factory):
     """Execute every notebook in order on each of `RUN_PROFILES`, with the engine of `make reproduce`
     (`python -m probunlearn.reproduce`, temporary results and figures folders), as `STEPS` above
     schedule them, two at a time; returns {profile: {'results', 'figures', 'executed', 'seconds',
-    'log'}}."""
+    'log'}}, and {'gpu-check': {'log'}}: the GPU check's notebooks check, dry-run."""
     import subprocess
     import sys
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
-    outs = {profile: tmp_path_factory.mktemp(profile) for profile in RUN_PROFILES}
+    outs = {profile: tmp_path_factory.mktemp(profile) for profile in (*RUN_PROFILES, "gpu-check")}
 
     def start(profile, only):
         out = outs[profile]
         command = [sys.executable, "-m", "probunlearn.reproduce", "--profile", profile, "--results-root",
                    str(out / "results"), "--figures-dir", str(out / "figures")] + (["--only", *only] if only else [])
+        if profile == "gpu-check":
+            command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
+                       "--notebooks", GPU_CHECK_NOTEBOOKS, "--notebooks-only"]
         with (out / "reproduce.log").open("a") as log:  # the child keeps its own handle
             return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -122,7 +130,9 @@ def _profile_runs(tmp_path_factory):
         results[profile] = {"results": out / "results" / profile, "figures": out / "figures",
                             "executed": {nb.stem: nb for nb in notebooks}, "seconds": seconds,
                             "log": out / "reproduce.log"}
-    print(f"notebooks of {', '.join(RUN_PROFILES)}: {time.perf_counter() - started:.0f} s, two runs at a time")
+    results["gpu-check"] = {"log": outs["gpu-check"] / "reproduce.log"}
+    print(f"notebooks of {', '.join(RUN_PROFILES)} and the GPU check's: {time.perf_counter() - started:.0f} s, "
+          "two runs at a time")
     return results
 
 

@@ -4,7 +4,7 @@ memory and speed comparisons only judge on a GPU)."""
 
 import importlib.util
 
-from conftest import ROOT
+from conftest import GPU_CHECK_NOTEBOOKS, ROOT
 
 
 def test_gpu_check_dry_run_on_cpu(capsys):
@@ -18,3 +18,15 @@ def test_gpu_check_dry_run_on_cpu(capsys):
                       "sampler_exact", "sampler_batch", "batch_changes", "speed", "memory_phi-1.5",
                       "memory_Llama-3.2-1B"]
     assert "FAIL" not in out and "14 of 14 checks ok" in out
+
+
+def test_gpu_check_runs_the_smoke_notebooks_with_a_saved_random_model(_profile_runs):
+    """`--notebooks`: papermill runs the smoke notebooks with MODEL the random-weight model saved as a
+    folder (here notebooks 01-02 with the 2-block model, in the background beside the smoke runs,
+    `conftest.STEPS`); each finished and left what the next one reads."""
+    out = _profile_runs["gpu-check"]["log"].read_text()
+    line = next(l for l in out.splitlines() if l.startswith("check notebooks"))
+    assert " ok " in line and "MODEL = the random-weight model, on cpu" in line
+    for number in GPU_CHECK_NOTEBOOKS.split(","):
+        assert f" {number} " in line and "FAILED" not in line
+    assert "1 of 1 check ok" in out

@@ -162,3 +162,49 @@ def test_full_fine_tuning_with_a_frozen_reference_runs_npo_against_the_target(ti
     plain, _ = start_full_unlearning(tiny["path"])
     with pytest.raises(TypeError, match="attach_reference"):
         unlearn(plain, tokenizer, FORGET, RETAIN, method="npo", steps=1, learning_rate=1e-3, batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("method, positions", [(m, None) for m in ("ga", "gd", "ga_kl", "ga_mismatch", "npo", "ga_temp")]
+                         + [("ga", "all"), ("npo", "answer")])
+def test_micro_batches_take_the_step_of_the_whole_batch(tiny, method, positions):
+    """`micro_batch_size` (a step that does not fit a GPU at once): every term averages over the whole
+    step's answer tokens, rows or positions, so the parts' losses and gradients add up to the whole
+    batch's, for every objective and both readings of the entropy term; answers of different lengths."""
+    from probunlearn.objectives import entropy_regulariser
+
+    seen = []
+
+    def rows_seen(out):  # records the parts' forget rows; adds nothing
+        seen.append(int(out.batches["forget"]["input_ids"].shape[0]))
+        return {}
+
+    rows_seen.parts = True
+    regularisers = [rows_seen] + ([entropy_regulariser(positions=positions)] if positions else [])
+    results = {}
+    for micro in (None, 1):
+        model, tokenizer = fresh(tiny)
+        seen.clear()
+        run = unlearn(model, tokenizer, FORGET, RETAIN, method=method, steps=3, learning_rate=1e-2, batch_size=4,
+                      regularisers=regularisers, micro_batch_size=micro, seed=1, progress=False)
+        results[micro] = (run.log, adapter_state(model), list(seen))
+    (whole_log, whole, whole_seen), (parts_log, parts, parts_seen) = results[None], results[1]
+    assert whole_seen == [4] * 3 and parts_seen == [1] * 12  # the parts did run one forget row at a time
+    for a, b in zip(whole_log, parts_log):
+        assert set(a) == set(b)
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a if k != "seconds")
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-5) for k in whole)
+    assert any((whole[k] != 0).any() for k in whole if "lora_B" in k)  # it did train
+
+
+def test_micro_batches_refuse_a_term_that_averages_by_itself(tiny):
+    model, tokenizer = fresh(tiny)
+
+    def own_mean(out):
+        return {"extra": 0.0 * out.nll("retain")}
+
+    with pytest.raises(ValueError, match="own_mean average"):
+        unlearn(model, tokenizer, FORGET, RETAIN, method="gd", steps=1, learning_rate=1e-3, batch_size=2,
+                regularisers=[own_mean], micro_batch_size=1, progress=False)
+    run = unlearn(model, tokenizer, FORGET, RETAIN, method="gd", steps=1, learning_rate=1e-3, batch_size=2,
+                  regularisers=[own_mean], progress=False)  # in whole batches it runs
+    assert len(run.log) == 1

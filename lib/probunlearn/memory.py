@@ -232,11 +232,14 @@ def profile_plans(settings: dict, shape: Shape, *, sequence: int = 256, prompt: 
     """The peak memory of each kind of step a profile (`utils.load_profile`) runs on `shape`, with
     rows padded to `sequence` tokens of which up to the profile's longest answer are answer tokens:
     notebook 03's unlearning step (the method of `UNLEARN_METHODS` that needs the most), notebook
-    04's full fine-tuning, notebook 05's sampling (the batch `sampling_rows` plans for `budget_gb`)
-    and notebook 06's relearning step (a LoRA on the float32 merge, in parts of `relearn_rows`
-    rows: `attacks.RELEARN_MICRO_BATCH` on a GPU)."""
+    04's full fine-tuning, both in parts of `UNLEARN_MICRO_BATCH` forget rows where the profile sets
+    it (`unlearning.unlearn`'s micro_batch_size: one part's activations and logits), notebook 05's
+    sampling (the batch `sampling_rows` plans for `budget_gb`) and notebook 06's relearning step (a
+    LoRA on the float32 merge, in parts of `relearn_rows` rows: `attacks.RELEARN_MICRO_BATCH` on a GPU)."""
     quantization = settings.get("QUANTIZATION")
-    batch, answer = settings["UNLEARN_BATCH_SIZE"], min(settings["UNLEARN_MAX_NEW_TOKENS"], sequence)
+    whole, answer = settings["UNLEARN_BATCH_SIZE"], min(settings["UNLEARN_MAX_NEW_TOKENS"], sequence)
+    batch = min(whole, settings.get("UNLEARN_MICRO_BATCH") or whole)  # forget rows in memory at once
+    in_parts = f"batch {whole}" + (f" in parts of {batch}" if batch < whole else "")
     plans = []
     for method in settings["UNLEARN_METHODS"]:
         rows = {"forget": batch, "retain": batch, "mismatch": batch * settings.get("MISMATCH_PER_PROMPT", 1)}
@@ -245,14 +248,14 @@ def profile_plans(settings: dict, shape: Shape, *, sequence: int = 256, prompt: 
                                    lora_r=settings["UNLEARN_LORA_R"], dtype=dtype, quantization=quantization,
                                    gradient_checkpointing=gradient_checkpointing,
                                    reference_tokens=rows[REFERENCE[method]] * answer if method in REFERENCE else 0,
-                                   what=f"03 unlearning step ({method}, batch {batch}"
+                                   what=f"03 unlearning step ({method}, {in_parts}"
                                         f"{', checkpointed' if gradient_checkpointing else ''})"))
     worst = max(plans, key=lambda p: p.total)
     pad = settings.get("ENTROPY_PAD_TO") or sequence  # the entropy term reads every position: logits of all
     entropy = [training_plan(shape, tokens=2 * batch * pad, answer_tokens=2 * batch * pad, lora_r=None,
                              quantization=None, dtype=dtype,
                              gradient_checkpointing=gradient_checkpointing,
-                             what=f"04 full fine-tuning step (batch {batch} + {batch}"
+                             what=f"04 full fine-tuning step ({in_parts}, forget + retain"
                                   f"{', checkpointed' if gradient_checkpointing else ''})")]
     positions = prompt + settings["SAMPLE_MAX_NEW_TOKENS"]
     samples = settings["NUM_SAMPLES"] + 1

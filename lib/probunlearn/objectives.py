@@ -18,6 +18,13 @@ adapter to switch off, keeps a frozen copy of the target (`models.attach_referen
 
 Token-level quantities work on `answers.AnswerLogits`: the logits of the positions that predict an
 answer token, packed, so the output head runs on those positions only (`answers.answer_logits`).
+
+Every objective here averages through `StepOutputs.mean(values, batch, unit)`: a sum divided by the
+count of that unit (answer tokens, rows or positions) in the *whole* batch of the step. A step can
+then run in parts of rows (`unlearn(..., micro_batch_size=k)`, where one batch does not fit a GPU's
+memory), each part's terms adding up to the whole step's, and its gradients too. An objective or
+regulariser that averages by itself is exact only in whole batches: register it without
+`parts=True` and `unlearn` refuses to run it in parts.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from probunlearn.answers import AnswerLogits, FrozenTrunk, answer_logits, pack_answer_logits
+from probunlearn.answers import AnswerLogits, FrozenTrunk, answer_logits, answer_positions, pack_answer_logits
 from probunlearn.models import reference_model
 
-__all__ = ["token_nll", "sequence_logprob", "kl_to_reference", "npo_loss", "token_entropy", "answer_entropy",
+__all__ = ["token_nll", "sequence_logprob", "token_kl", "kl_to_reference", "npo_terms", "npo_loss", "UNITS", "step_counts", "token_entropy", "answer_entropy",
            "StepOutputs", "METHODS", "register", "entropy_regulariser", "method_objective", "method_defaults",
            "ENTROPY_POSITIONS"]
 
@@ -53,11 +60,23 @@ def sequence_logprob(answer: AnswerLogits) -> torch.Tensor:
         0, answer.rows, token_logp)
 
 
+def token_kl(reference: AnswerLogits, current: AnswerLogits) -> torch.Tensor:
+    """KL(π_ref ‖ π_θ) of the next-token distributions at each answer-token position."""
+    return F.kl_div(F.log_softmax(current.logits, -1), F.log_softmax(reference.logits, -1), log_target=True,
+                    reduction="none").sum(-1)
+
+
 def kl_to_reference(reference: AnswerLogits, current: AnswerLogits) -> torch.Tensor:
     """KL(π_ref ‖ π_θ) of the next-token distributions, mean over answer-token positions
     (SPEC §2: per answer token; TOFU's and [P3]'s code average over every position instead)."""
-    return F.kl_div(F.log_softmax(current.logits, -1), F.log_softmax(reference.logits, -1), log_target=True,
-                    reduction="none").sum(-1).mean()
+    return token_kl(reference, current).mean()
+
+
+def npo_terms(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO's loss per sequence, −(2/β)·log σ(−β·(log π_θ(y|x) − log π_ref(y|x))); `npo_loss` is its mean."""
+    if beta <= 0:
+        raise ValueError(f"NPO needs beta > 0, got {beta}")
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - reference_logprob))
 
 
 def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float) -> torch.Tensor:
@@ -66,9 +85,7 @@ def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float
     With log-ratio d, ∂loss/∂d_i = (2/B)·σ(β·d_i): at d = 0, or as β → 0, this is 1/B, the
     gradient of plain gradient ascent on the summed sequence NLL; for d ≪ 0 (already forgotten)
     the weight vanishes, which is what keeps NPO from diverging like GA."""
-    if beta <= 0:
-        raise ValueError(f"NPO needs beta > 0, got {beta}")
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - reference_logprob)).mean()
+    return npo_terms(logprob, reference_logprob, beta).mean()
 
 
 ENTROPY_POSITIONS = ("answer", "all")
@@ -107,15 +124,28 @@ class StepOutputs:
     with the head on every position (their answer logits are cut from it); the others with the head
     on answer positions only. Batch names: `forget`, `retain`, and `mismatch` (forget questions with
     random answers of other authors) for `ga_mismatch`. `trunk`: a `answers.FrozenTrunk` of the
-    model, so the frozen blocks below the adapter run once per sequence over the whole run."""
+    model, so the frozen blocks below the adapter run once per sequence over the whole run.
+
+    `counts`: {batch name: {unit: count}} of the whole step when these batches are one part of it
+    (`step_counts` of the whole batches; `unlearn` in micro-batches); `mean` then divides by them.
+    None: these batches are the whole step."""
 
     def __init__(self, model, batches: Mapping[str, dict], full_logits: Sequence[str] = (),
-                 trunk: FrozenTrunk | None = None):
+                 trunk: FrozenTrunk | None = None, counts: Mapping[str, Mapping[str, int]] | None = None):
         self.model = model
         self.batches = dict(batches)
         self.full_logits = set(full_logits)
         self.trunk = trunk
+        self.counts = counts if counts is not None else step_counts(self.batches)
         self._cache: dict[tuple[str, str], object] = {}
+
+    def mean(self, values: torch.Tensor, name: str, unit: str) -> torch.Tensor:
+        """The step's mean of `values` (one per `unit` of batch `name` in these batches): their sum
+        over the count of that unit in the whole step (`UNITS`). In a whole step that is
+        `values.mean()`; in a part, the part's share of it."""
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        return values.sum() / self.counts[name][unit]
 
     def _batch(self, name: str) -> dict:
         if name not in self.batches:
@@ -160,65 +190,78 @@ class StepOutputs:
         return self._cached("reference_answer", name, compute)
 
     def nll(self, name: str, temperature: float = 1.0) -> torch.Tensor:
-        return token_nll(self.answer(name), temperature)
+        """`token_nll` of batch `name`: the token mean over the step's answer tokens."""
+        answer = self.answer(name)
+        return self.mean(F.cross_entropy(answer.logits / temperature, answer.targets, reduction="none"), name, "tokens")
+
+
+UNITS = ("tokens", "rows", "positions")  # answer tokens (the positions that predict one), rows, every (row, position)
+
+
+def step_counts(batches: Mapping[str, dict]) -> dict[str, dict[str, int]]:
+    """{batch name: {unit: count}} of collated batches (`UNITS`): what `StepOutputs.mean` divides by."""
+    return {name: {"tokens": int(answer_positions(b["labels"]).sum()), "rows": int(b["input_ids"].shape[0]),
+                   "positions": int(b["input_ids"].numel())} for name, b in batches.items()}
 
 
 # ----------------------------------------------------------------------------- objectives (SPEC §2)
 METHODS: dict[str, Callable] = {}
 
 
-def register(name: str, uses: Sequence[str] = ("forget",)):
-    """Add an objective to `METHODS`; `uses` names the batches it reads (the loop builds those)."""
+def register(name: str, uses: Sequence[str] = ("forget",), parts: bool = False):
+    """Add an objective to `METHODS`; `uses` names the batches it reads (the loop builds those).
+    `parts=True`: it averages only through `StepOutputs.mean`, so it may run in micro-batches."""
     def wrap(fn):
-        fn.method_name, fn.uses = name, tuple(uses)
+        fn.method_name, fn.uses, fn.parts = name, tuple(uses), parts
         METHODS[name] = fn
         return fn
     return wrap
 
 
-@register("ga")
+@register("ga", parts=True)
 def ga(out: StepOutputs) -> dict:
     """Gradient ascent ([P3], TOFU): minimise −NLL_θ(D_f)."""
     return {"forget": -out.nll("forget")}
 
 
-@register("gd", uses=("forget", "retain"))
+@register("gd", uses=("forget", "retain"), parts=True)
 def gd(out: StepOutputs, retain_weight: float = 1.0) -> dict:
     """Gradient difference (TOFU): −NLL_θ(D_f) + α·NLL_θ(D_r)."""
     return {"forget": -out.nll("forget"), "retain": retain_weight * out.nll("retain")}
 
 
-@register("ga_kl", uses=("forget", "retain"))
+@register("ga_kl", uses=("forget", "retain"), parts=True)
 def ga_kl(out: StepOutputs, retain_weight: float = 1.0) -> dict:
     """GA with a KL term on retain data (TOFU, [P3]): −NLL_θ(D_f) + α·KL(π_ref ‖ π_θ) on D_r,
     per answer token. Zero KL before the first step (the fresh adapter is the identity)."""
-    kl = kl_to_reference(out.reference_answer("retain"), out.answer("retain"))
+    kl = out.mean(token_kl(out.reference_answer("retain"), out.answer("retain")), "retain", "tokens")
     return {"forget": -out.nll("forget"), "kl": retain_weight * kl}
 
 
-@register("ga_mismatch", uses=("forget", "retain", "mismatch"))
+@register("ga_mismatch", uses=("forget", "retain", "mismatch"), parts=True)
 def ga_mismatch(out: StepOutputs, forget_weight: float = 0.5, mismatch_weight: float = 1.0,
                 normal_weight: float = 1.0) -> dict:
     """[P3] Yao et al.: w_f·(−NLL_θ(D_f)) + w_m·NLL_θ(y_rand | x_f) + w_n·KL(π_ref ‖ π_θ) on
     normal data. y_rand: answers of other authors' retain questions (`unlearning.mismatch_pairs`),
     several per forget prompt; the normal data are our retain questions. Defaults w = (0.5, 1, 1)."""
-    kl = kl_to_reference(out.reference_answer("retain"), out.answer("retain"))
+    kl = out.mean(token_kl(out.reference_answer("retain"), out.answer("retain")), "retain", "tokens")
     return {"forget": -forget_weight * out.nll("forget"),
             "mismatch": mismatch_weight * out.nll("mismatch"),
             "kl": normal_weight * kl}
 
 
-@register("npo", uses=("forget", "retain"))
+@register("npo", uses=("forget", "retain"), parts=True)
 def npo(out: StepOutputs, beta: float = 0.1, retain_weight: float = 1.0) -> dict:
     """NPO (Zhang et al. 2024, as used by [P1]): `npo_loss` on sequence log-probs summed over
     answer tokens, π_ref = the adapter disabled, plus α·NLL_θ(D_r). β = 0.1 (SPEC §2; [P1]'s
     configs use 0.05)."""
     logprob = sequence_logprob(out.answer("forget"))
     reference = sequence_logprob(out.reference_answer("forget"))
-    return {"forget": npo_loss(logprob, reference, beta), "retain": retain_weight * out.nll("retain")}
+    return {"forget": out.mean(npo_terms(logprob, reference, beta), "forget", "rows"),
+            "retain": retain_weight * out.nll("retain")}
 
 
-@register("ga_temp")
+@register("ga_temp", parts=True)
 def ga_temp(out: StepOutputs, temperature: float = 2.0) -> dict:
     """[P2] Wang et al.: gradient ascent on temperature-scaled logits, −CE(softmax(z/T), y) on D_f.
     T = 2 is the fallback value in the authors' code (`dataloader.py`, loss `ga_temp`)."""
@@ -238,7 +281,9 @@ def entropy_regulariser(forget_weight: float = 1.0, retain_weight: float = -0.25
         raise ValueError(f"positions must be one of {ENTROPY_POSITIONS}, got {positions!r}")
 
     def mean_entropy(out: StepOutputs, name: str) -> torch.Tensor:
-        return token_entropy(out.logits(name) if positions == "all" else out.answer(name).logits).mean()
+        if positions == "all":
+            return out.mean(token_entropy(out.logits(name)), name, "positions")
+        return out.mean(token_entropy(out.answer(name).logits), name, "tokens")
 
     def regulariser(out: StepOutputs) -> dict:
         terms = {}
@@ -252,6 +297,7 @@ def entropy_regulariser(forget_weight: float = 1.0, retain_weight: float = -0.25
                            "entropy_positions": positions}
     regulariser.uses = ("forget", "retain") if retain_weight else ("forget",)
     regulariser.full_logits = regulariser.uses if positions == "all" else ()
+    regulariser.parts = True  # averages through StepOutputs.mean
     return regulariser
 
 

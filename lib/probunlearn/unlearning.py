@@ -42,7 +42,7 @@ from probunlearn.answers import FrozenTrunk
 from probunlearn.hardware import loss_scaler, model_device, precision
 from probunlearn.models import (STACKED, AnswerOnlyCollator, add_lora, attach_reference, encode_qa, is_stacked, load_model,
                                 stack_lora, training_attention)
-from probunlearn.objectives import StepOutputs, check_hparams, method_objective
+from probunlearn.objectives import StepOutputs, check_hparams, method_objective, step_counts
 from probunlearn.utils import set_seed
 
 # ----------------------------------------------------------------------------- data for the loop
@@ -73,6 +73,30 @@ def _cycle(dataset, batch_size: int, seed: int):
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
             yield [records[i] for i in order[start:start + batch_size]]
+
+
+def step_parts(batches: Mapping[str, dict], micro_batch_size: int | None):
+    """The batches of one step in parts of at most `micro_batch_size` forget rows (None: one part,
+    the whole step): every batch is cut into the same number of consecutive parts, as equal as
+    they come, so each part pairs its forget rows with a matching share of the retain and mismatch
+    rows (never fewer parts than rows in the smallest batch, so no part lacks a batch)."""
+    if micro_batch_size is None:
+        yield batches
+        return
+    rows = {name: int(b["input_ids"].shape[0]) for name, b in batches.items()}
+    parts = min(math.ceil(rows.get("forget", max(rows.values())) / micro_batch_size), min(rows.values()))
+    if parts <= 1:
+        yield batches
+        return
+    cuts = {name: [len(c) for c in torch.arange(n).tensor_split(parts)] for name, n in rows.items()}
+    starts = {name: 0 for name in batches}
+    for k in range(parts):
+        part = {}
+        for name, batch in batches.items():
+            size = cuts[name][k]
+            part[name] = {key: value[starts[name]:starts[name] + size] for key, value in batch.items()}
+            starts[name] += size
+        yield part
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -238,8 +262,8 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
             regularisers: Sequence[Callable] = (), mismatch_per_prompt: int = 2, mismatch_pool=None,
             keep_checkpoints: bool | str = True, max_length: int | None = None, pad_to: int | None = None,
             trunk: FrozenTrunk | None = None, compute_dtype: torch.dtype | None = None,
-            stop_when: Callable[[list[dict]], bool] | None = None, seed: int = 0, progress: bool = True,
-            desc: str | None = None) -> UnlearningRun:
+            stop_when: Callable[[list[dict]], bool] | None = None, micro_batch_size: int | None = None,
+            seed: int = 0, progress: bool = True, desc: str | None = None) -> UnlearningRun:
     """Train the trainable weights of `model` (a LoRA adapter on the target, from `start_unlearning`,
     or every weight, from `start_full_unlearning`) to minimise the objective `METHODS[method]` plus
     any `regularisers`, for `steps` AdamW steps at a constant `learning_rate` (gradient norm clipped
@@ -268,7 +292,11 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     step's `loss_scale`, and a step whose gradients overflowed is skipped). A NaN or infinite loss
     stops the run with a FloatingPointError naming the method and step. `stop_when(trace) -> bool`
     is asked after each evaluation; True ends the run there (`UnlearningRun.stopped_at`: that step;
-    None when the run took every step).
+    None when the run took every step). `micro_batch_size`: run each step in parts of at most this
+    many forget rows, each with its share of the retain (and mismatch) rows, and add their gradients:
+    every term averages over the whole step's counts (`objectives.StepOutputs.mean`), so the parts
+    take the step of the whole batch (up to rounding) with one part's activations in memory
+    (`memory.profile_plans`). Rows keep the whole batch's padding. None: the whole batch at once.
     """
     objective = method_objective(method)
     hparams = check_hparams(method, dict(hparams or {}))
@@ -278,6 +306,15 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     if not params:
         raise ValueError("the model has no trainable parameters: start from `start_unlearning` "
                          "(or wrap it with probunlearn.models.add_lora)")
+    if micro_batch_size is not None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        whole = [getattr(fn, "method_name", None) or getattr(fn, "__name__", repr(fn))
+                 for fn in (objective, *regularisers) if not getattr(fn, "parts", False)]
+        if whole:
+            raise ValueError(f"{', '.join(whole)} average(s) by themselves, so a step in parts would not be the step "
+                             "of the whole batch: average through StepOutputs.mean and mark it `parts` "
+                             "(objectives.register(..., parts=True)), or set micro_batch_size=None")
     set_seed(seed)
     device = model_device(model)
     collate = AnswerOnlyCollator(tokenizer, max_length, pad_to=pad_to)
@@ -324,33 +361,36 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
             questions, answers = mismatch_pairs(forget_records, pool, per_prompt=mismatch_per_prompt, rng=rng)
             batches["mismatch"] = encode_qa(tokenizer, questions, answers, max_length, pad_to=pad_to)
         batches = {name: {k: v.to(device) for k, v in b.items()} for name, b in batches.items()}
-        with training_attention(model), _autocast(device, compute_dtype):
-            out = StepOutputs(model, batches, full_logits=full_logits, trunk=trunk)
-            terms = dict(objective(out, **hparams))
-            for regulariser in regularisers:
-                extra = regulariser(out)
-                clash = set(extra) & set(terms)
-                if clash:
-                    raise ValueError(f"regulariser term names {sorted(clash)} clash with the objective's terms")
-                terms.update(extra)
-            loss = sum(terms.values())
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                where = f"last finite loss {last_finite:.4g} at step {step - 1}" if last_finite is not None \
-                    else "no finite loss before it"
-                raise FloatingPointError(
-                    f"{method}: the loss became {value} at step {step} ({where}); terms: "
-                    f"{ {k: float(v.detach()) for k, v in terms.items()} }. Lower the learning rate or the number of steps."
-                )
-            last_finite = value
-            scaler.scale(loss).backward()
+        counts = step_counts(batches)
+        summed: dict[str, torch.Tensor] = {}  # each term over the parts, read once per step (one device sync)
+        for part in step_parts(batches, micro_batch_size):
+            with training_attention(model), _autocast(device, compute_dtype):
+                out = StepOutputs(model, part, full_logits=full_logits, trunk=trunk, counts=counts)
+                part_terms = dict(objective(out, **hparams))
+                for regulariser in regularisers:
+                    extra = regulariser(out)
+                    clash = set(extra) & set(part_terms)
+                    if clash:
+                        raise ValueError(f"regulariser term names {sorted(clash)} clash with the objective's terms")
+                    part_terms.update(extra)
+                for name, term in part_terms.items():
+                    summed[name] = summed[name] + term.detach().float() if name in summed else term.detach().float()
+                scaler.scale(sum(part_terms.values())).backward()
+        terms = dict(zip(summed, torch.stack(list(summed.values())).tolist())) if summed else {}
+        value = sum(terms.values())
+        if not math.isfinite(value):  # before the optimiser step: the weights keep their last finite values
+            where = f"last finite loss {last_finite:.4g} at step {step - 1}" if last_finite is not None \
+                else "no finite loss before it"
+            raise FloatingPointError(f"{method}: the loss became {value} at step {step} ({where}); terms: {terms}. "
+                                     "Lower the learning rate or the number of steps.")
+        last_finite = value
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)  # skipped (and the scale halved) where scaled float16 gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scaling = {"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
-        run.log.append({"step": step, "loss": value, **{k: float(v.detach()) for k, v in terms.items()},
+        run.log.append({"step": step, "loss": value, **terms,
                         **scaling, "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{value:.3f}")
         if step == steps or (eval_every and step % eval_every == 0) or step in eval_at:
