@@ -192,8 +192,12 @@ def test_micro_batches_take_the_step_of_the_whole_batch(tiny, method, positions)
     for a, b in zip(whole_log, parts_log):
         assert set(a) == set(b)
         assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a if k != "seconds")
-    assert all(torch.allclose(whole[k], parts[k], atol=1e-5) for k in whole)
-    assert any((whole[k] != 0).any() for k in whole if "lora_B" in k)  # it did train
+    # the adapters after three AdamW steps, up to rounding (AdamW divides by the gradients' own size, so
+    # float32 rounding of small gradients moves single entries: 2e-5 of the update's norm at most on the
+    # AVX2 stand-in, for ga_kl, whose KL term starts at its minimum)
+    difference = sum(float((whole[k] - parts[k]).norm()) ** 2 for k in whole) ** 0.5
+    update = sum(float(whole[k].norm()) ** 2 for k in whole if "lora_B" in k) ** 0.5  # lora_B starts at 0
+    assert update > 0 and difference <= 1e-4 * update
 
 
 def test_micro_batches_refuse_a_term_that_averages_by_itself(tiny):

@@ -50,7 +50,7 @@ def token_nll(answer: AnswerLogits, temperature: float = 1.0) -> torch.Tensor:
     """NLL of the answer tokens, token mean over the whole batch (SPEC §2 convention; the same
     number as a Hugging Face model's `.loss`). `temperature` divides the logits first
     (T = 1: the plain NLL; `ga_temp` uses T != 1)."""
-    return F.cross_entropy(answer.logits / temperature, answer.targets)
+    return F.cross_entropy(answer.logits if temperature == 1.0 else answer.logits / temperature, answer.targets)
 
 
 def sequence_logprob(answer: AnswerLogits) -> torch.Tensor:
@@ -192,7 +192,8 @@ class StepOutputs:
     def nll(self, name: str, temperature: float = 1.0) -> torch.Tensor:
         """`token_nll` of batch `name`: the token mean over the step's answer tokens."""
         answer = self.answer(name)
-        return self.mean(F.cross_entropy(answer.logits / temperature, answer.targets, reduction="none"), name, "tokens")
+        logits = answer.logits if temperature == 1.0 else answer.logits / temperature  # no copy at T = 1
+        return self.mean(F.cross_entropy(logits, answer.targets, reduction="none"), name, "tokens")
 
 
 UNITS = ("tokens", "rows", "positions")  # answer tokens (the positions that predict one), rows, every (row, position)
