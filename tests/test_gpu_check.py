@@ -22,8 +22,10 @@ def test_gpu_check_dry_run_on_cpu(capsys):
 
 def test_gpu_check_runs_the_smoke_notebooks_with_a_saved_random_model(_profile_runs):
     """`--notebooks`: papermill runs the smoke notebooks with MODEL the random-weight model saved as a
-    folder (here notebooks 01-02 with the 2-block model, in the background beside the smoke runs,
-    `conftest.STEPS`); each finished and left what the next one reads."""
+    folder, each must finish and leave what the next one reads (here notebook 01 alone with the 2-block
+    model, in the background beside the smoke runs, `conftest.STEPS`: the check's papermill run, its
+    parameters and kernel; loading a saved model folder is `load_model`'s check above, and notebooks
+    01-05 ran this way by hand in 115 s)."""
     out = _profile_runs["gpu-check"]["log"].read_text()
     line = next(l for l in out.splitlines() if l.startswith("check notebooks"))
     assert " ok " in line and "MODEL = the random-weight model, on cpu" in line
