@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from probunlearn.answers import AnswerLogits, FrozenTrunk, answer_logits, answer_positions, pack_answer_logits
 from probunlearn.models import reference_model
 
-__all__ = ["token_nll", "sequence_logprob", "token_kl", "kl_to_reference", "npo_terms", "npo_loss", "UNITS", "step_counts", "token_entropy", "answer_entropy",
-           "StepOutputs", "METHODS", "register", "entropy_regulariser", "method_objective", "method_defaults",
-           "ENTROPY_POSITIONS"]
+__all__ = ["token_nll", "sequence_logprob", "token_kl", "kl_to_reference", "npo_terms", "npo_loss", "token_entropy",
+           "answer_entropy", "StepOutputs", "UNITS", "step_counts", "METHODS", "register", "entropy_regulariser",
+           "method_objective", "method_defaults", "ENTROPY_POSITIONS"]
 
 # ----------------------------------------------------------------------------- token-level pieces
 
@@ -136,7 +136,7 @@ class StepOutputs:
         self.batches = dict(batches)
         self.full_logits = set(full_logits)
         self.trunk = trunk
-        self.counts = counts if counts is not None else step_counts(self.batches)
+        self.counts = counts  # None: counted from these batches when `mean` first needs them
         self._cache: dict[tuple[str, str], object] = {}
 
     def mean(self, values: torch.Tensor, name: str, unit: str) -> torch.Tensor:
@@ -145,6 +145,8 @@ class StepOutputs:
         `values.mean()`; in a part, the part's share of it."""
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        if self.counts is None:
+            self.counts = step_counts(self.batches)
         return values.sum() / self.counts[name][unit]
 
     def _batch(self, name: str) -> dict:
