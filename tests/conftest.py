@@ -68,8 +68,9 @@ RUN_PROFILES = ("smoke", "tofu-smoke")
 # notebooks in one process, the fixture waited for that chain alone, 628 s against tofu-smoke's 450 s on
 # the AVX2 stand-in, 2026-12-05.)
 # The GPU check's notebooks check (benchmarks/gpu_check.py --notebooks: the smoke notebooks with MODEL a
-# saved random-weight model), dry-run on notebook 01 with a 2-block model beside the last step, 07 (17 s
-# against 07's 18 s on the AVX2 stand-in; with notebook 02 too, 38 s, which made `make test` 20 s longer).
+# saved random-weight model), dry-run on notebook 01 with a 2-block model beside the last step, 07 (20 s
+# in all against 07's 18 s, natively on the Zen 4; with notebook 02 too it took 38 s on the AVX2 stand-in,
+# which made `make test` 20 s longer).
 LONE_NOTEBOOK = {"smoke": "05"}
 GPU_CHECK_NOTEBOOKS = "01"
 # name: (profile, notebooks (None: all), the steps it waits for); at most two run at once, in this order
