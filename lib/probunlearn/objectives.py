@@ -39,18 +39,24 @@ import torch.nn.functional as F
 from probunlearn.answers import AnswerLogits, FrozenTrunk, answer_logits, answer_positions, pack_answer_logits
 from probunlearn.models import reference_model
 
-__all__ = ["token_nll", "sequence_logprob", "token_kl", "kl_to_reference", "npo_terms", "npo_loss", "token_entropy",
+__all__ = ["token_nlls", "token_nll", "sequence_logprob", "token_kl", "kl_to_reference", "npo_terms", "npo_loss", "token_entropy",
            "answer_entropy", "StepOutputs", "UNITS", "step_counts", "METHODS", "register", "entropy_regulariser",
            "method_objective", "method_defaults", "ENTROPY_POSITIONS"]
 
 # ----------------------------------------------------------------------------- token-level pieces
 
 
+def token_nlls(answer: AnswerLogits, temperature: float = 1.0) -> torch.Tensor:
+    """NLL of each answer token; `temperature` divides the logits first (T = 1: the plain NLL, and
+    no copy of the logits; `ga_temp` uses T != 1)."""
+    logits = answer.logits if temperature == 1.0 else answer.logits / temperature
+    return F.cross_entropy(logits, answer.targets, reduction="none")
+
+
 def token_nll(answer: AnswerLogits, temperature: float = 1.0) -> torch.Tensor:
     """NLL of the answer tokens, token mean over the whole batch (SPEC §2 convention; the same
-    number as a Hugging Face model's `.loss`). `temperature` divides the logits first
-    (T = 1: the plain NLL; `ga_temp` uses T != 1)."""
-    return F.cross_entropy(answer.logits if temperature == 1.0 else answer.logits / temperature, answer.targets)
+    number as a Hugging Face model's `.loss`): the mean of `token_nlls`."""
+    return token_nlls(answer, temperature).mean()
 
 
 def sequence_logprob(answer: AnswerLogits) -> torch.Tensor:
@@ -193,9 +199,7 @@ class StepOutputs:
 
     def nll(self, name: str, temperature: float = 1.0) -> torch.Tensor:
         """`token_nll` of batch `name`: the token mean over the step's answer tokens."""
-        answer = self.answer(name)
-        logits = answer.logits if temperature == 1.0 else answer.logits / temperature  # no copy at T = 1
-        return self.mean(F.cross_entropy(logits, answer.targets, reduction="none"), name, "tokens")
+        return self.mean(token_nlls(self.answer(name), temperature), name, "tokens")
 
 
 UNITS = ("tokens", "rows", "positions")  # answer tokens (the positions that predict one), rows, every (row, position)

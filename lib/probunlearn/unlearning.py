@@ -88,15 +88,9 @@ def step_parts(batches: Mapping[str, dict], micro_batch_size: int | None):
     if parts <= 1:
         yield batches
         return
-    cuts = {name: [len(c) for c in torch.arange(n).tensor_split(parts)] for name, n in rows.items()}
-    starts = {name: 0 for name in batches}
+    pieces = {name: {key: value.tensor_split(parts) for key, value in batch.items()} for name, batch in batches.items()}
     for k in range(parts):
-        part = {}
-        for name, batch in batches.items():
-            size = cuts[name][k]
-            part[name] = {key: value[starts[name]:starts[name] + size] for key, value in batch.items()}
-            starts[name] += size
-        yield part
+        yield {name: {key: split[k] for key, split in batch.items()} for name, batch in pieces.items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
