@@ -63,7 +63,7 @@ def run_ours(model, tokenizer, questions, args) -> tuple[float, list[int]]:
     start = time.perf_counter()
     ids = sample_token_ids(model, tokenizer, questions, num_samples=args.samples, temperature=args.temperature,
                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=SEED,
-                           batch_size=args.batch_size, progress=False)
+                           batch_size=args.batch_size, progress=False, loop=getattr(args, "loop", "auto"))
     seconds = time.perf_counter() - start
     return seconds, [len(r) for rows in ids for r in rows]
 
@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="one more run of ours, profiled: where its time goes")
     parser.add_argument("--attention", choices=["ours", "sdpa", "eager"], default="ours",
                         help="attention of ours in decoding steps (default: attention.decode_attention)")
+    parser.add_argument("--loop", choices=["auto", "prefix", "static"], default="auto",
+                        help="decoding loop of ours (sampling.LOOPS; auto: prefix on a CPU, static on a GPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -147,6 +147,14 @@ def test_a_notebook_gets_the_slow_sizes_it_reads_and_a_note_that_says_so(tmp_pat
     stamps = {name: json.loads((root / "smoke" / "executed" / f"{name}.done.json").read_text())
               for name in ("01_reads", "02_other")}
     assert stamps["01_reads"]["changed_settings"] == {"STEPS": 5} and stamps["02_other"]["changed_settings"] == {}
+    # a resumed run on the same slow CPU, whose measured rate moved (the note says 118, then 121 GFLOP/s):
+    # the same settings, so nothing reruns
+    import probunlearn.reproduce as reproduce
+
+    for rate in (118.0, 121.0):
+        monkeypatch.setattr(reproduce, "matrix_gflops", lambda dtype, rate=rate: rate)
+        report = run(**kwargs, sizes="auto")
+    assert all(r["cached"] for r in report.values())
     run(**kwargs, sizes="full")  # other settings: the notebooks rerun with the profile's own
     assert json.loads((root / "01_reads.ipynb.json").read_text())["STEPS"] == 10
     # a notebook that reads a changed setting must be able to say so

@@ -57,46 +57,104 @@ def race_noise(keys: np.ndarray, step: int, num_blocks: int) -> tuple[np.ndarray
     return noise[:, :num_blocks], noise[:, num_blocks:]
 
 
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 that holds it."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The logical right shift of int64 `x` read as uint64 (torch's >> on int64 is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def device_keys(keys: np.ndarray, device) -> torch.Tensor:
+    """The uint64 keys of `row_keys` as an int64 tensor (the same bits) on `device`, for
+    `race_noise_on_device`."""
+    return torch.from_numpy(np.ascontiguousarray(keys, dtype=np.uint64).view(np.int64)).to(device)
+
+
+def race_noise_on_device(keys: torch.Tensor, step: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`race_noise` computed where `keys` (from `device_keys`) live, with no copy from the host: on a
+    GPU the host's noise would be a copy (and a wait for the device) at every step. SplitMix64 runs on
+    int64 (multiplication wraps as on uint64; right shifts are made logical), so the random bits are
+    those of `race_noise`, and the noise agrees with it to the last bit of float64's logarithm."""
+    bits = race_bits_on_device(keys, step, num_blocks + RACE_BLOCK)
+    noise = -torch.log((_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53)
+    return noise[:, :num_blocks], noise[:, num_blocks:]
+
+
+def race_bits_on_device(keys: torch.Tensor, step: int, width: int) -> torch.Tensor:
+    """The random bits of `width` draws per row at decoding step `step` (int64 holding the uint64
+    bits of `race_noise`'s SplitMix64 outputs)."""
+    counters = torch.arange(step * width + 1, (step + 1) * width + 1, dtype=torch.int64, device=keys.device)
+    x = keys[:, None] + counters[None, :] * _signed(int(GAMMA))
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
 # ----------------------------------------------------------------------------- one sampling step
 
 
-def race(probs: torch.Tensor, keys: np.ndarray, step: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+NO_FINITE_LOGIT = "a row of scores has no finite logit (all -inf or NaN): check the logits processors"
+
+
+def race(probs: torch.Tensor, keys: np.ndarray | torch.Tensor, step: int, rows: torch.Tensor | None = None,
+         invalid: torch.Tensor | None = None) -> torch.Tensor:
     """Index drawn with probability probs[r, v] / probs[r].sum() for each answer: the exponential
     race (Gumbel-max trick), argmax_v probs[v] / E_v with E_v ~ Exp(1) i.i.d., in two levels.
     First a race between blocks of RACE_BLOCK tokens, weighted by the block's mass, then a race
     between the tokens of the winning block: P(v) = (M_b / M) (p_v / M_b) = p_v / M. Two levels
     need 448 random numbers per answer and step instead of one per vocabulary token.
     `rows[k]`: the row of `probs` that answer k (random stream `keys[k]`) draws from (default: row k);
-    answers with the same prefix share a row of probabilities, never their random numbers."""
+    answers with the same prefix share a row of probabilities, never their random numbers.
+    `keys`: the uint64 keys (noise computed on the host) or `device_keys` (noise computed where they
+    live, `race_noise_on_device`). A row without finite mass raises, or with `invalid` (a boolean
+    tensor, one per answer) is marked there instead, so that nothing waits for the device."""
     num_rows, vocab = probs.shape
-    if rows is None:
-        rows = torch.arange(num_rows, device=probs.device)
     pad = (-vocab) % RACE_BLOCK
     if pad:
         probs = torch.nn.functional.pad(probs, (0, pad))
     blocks = probs.view(num_rows, -1, RACE_BLOCK)
     mass = blocks.sum(dim=2).double()  # rows x blocks
-    if not torch.isfinite(mass).all() or not (mass.sum(dim=1) > 0).all():
-        raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
-    block_noise, token_noise = (torch.from_numpy(x).to(probs.device) for x in race_noise(keys, step, blocks.shape[1]))
-    block = (mass[rows] / block_noise).argmax(dim=1)
+    if invalid is None:
+        if not torch.isfinite(mass).all() or not (mass.sum(dim=1) > 0).all():
+            raise ValueError(NO_FINITE_LOGIT)
+    else:
+        bad = ~(torch.isfinite(mass).all(dim=1) & (mass.sum(dim=1) > 0))
+        invalid |= bad if rows is None else bad[rows]
+    if isinstance(keys, torch.Tensor):
+        block_noise, token_noise = race_noise_on_device(keys, step, blocks.shape[1])
+    else:
+        block_noise, token_noise = (torch.from_numpy(x).to(probs.device) for x in race_noise(keys, step, blocks.shape[1]))
+    if rows is None:  # answer k draws from row k
+        rows = torch.arange(num_rows, device=probs.device)
+        block = (mass / block_noise).argmax(dim=1)
+    else:
+        block = (mass[rows] / block_noise).argmax(dim=1)
     inside = blocks[rows, block].double()
     return block * RACE_BLOCK + (inside / token_noise).argmax(dim=1)
 
 
-def draw(scores: torch.Tensor, rows: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float,
-          top_p: float) -> torch.Tensor:
+def draw(scores: torch.Tensor, rows: torch.Tensor | None, keys: np.ndarray | torch.Tensor, step: int, *,
+         temperature: float, top_p: float, invalid: torch.Tensor | None = None) -> torch.Tensor:
     """One token per answer k from softmax(scores[rows[k]] / temperature) truncated to the top-p
-    nucleus, with random stream keys[k]; the softmax and the nucleus are computed once per row used."""
-    used, local = torch.unique(rows, return_inverse=True)
-    if len(used) < scores.shape[0]:  # else every row is used (`used` is sorted): no copy
-        scores = scores[used]
+    nucleus, with random stream keys[k]; the softmax and the nucleus are computed once per row used.
+    `rows` None: answer k draws from row k. With `invalid` (see `race`) and `rows` None nothing here
+    waits for the device: no `unique`, and the nucleus from a full sort (`sorted_nucleus_floor`,
+    the same floor as `nucleus_floor`'s candidates)."""
+    local = None
+    if rows is not None:
+        used, local = torch.unique(rows, return_inverse=True)
+        if len(used) < scores.shape[0]:  # else every row is used (`used` is sorted): no copy
+            scores = scores[used]
     if temperature != 1.0:
         scores = scores.to(torch.float32, copy=True).div_(temperature)  # never the caller's logits in place
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
     if top_p < 1.0:
-        probs = torch.where(probs >= nucleus_floor(probs, top_p)[:, None], probs, 0.0)
-    return race(probs, keys, step, local)
+        floor = nucleus_floor(probs, top_p) if invalid is None else sorted_nucleus_floor(probs, top_p)
+        probs = torch.where(probs >= floor[:, None], probs, 0.0)
+    return race(probs, keys, step, local, invalid=invalid)
 
 
 def next_token(scores: torch.Tensor, keys: np.ndarray, step: int, *, temperature: float = 1.0,
@@ -136,3 +194,14 @@ def nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         if pending.numel() == 0:
             break
     return floor
+
+
+def sorted_nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`nucleus_floor` from one full sort of every row: the same floor, with no step that depends on
+    the data's values (what a GPU runs without waiting for it). No check of the rows' mass: a row
+    without finite mass gets a NaN floor, which `race(invalid=...)` marks."""
+    top = probs.sort(dim=1, descending=True).values
+    cdf = top.double().cumsum(dim=1) / probs.sum(dim=1).double()[:, None]
+    before = torch.nn.functional.pad(cdf[:, :-1], (1, 0))
+    size = (before < top_p).sum(dim=1).clamp(min=1)
+    return top.gather(1, (size - 1)[:, None])[:, 0]

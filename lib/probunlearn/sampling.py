@@ -36,6 +36,12 @@ products (`attention.decode_attention`, what transformers' eager attention compu
 with the fused kernel, whose per-task cost dominates for one query token, and large tensors are
 served from a heap that keeps freed memory (`hardware.reuse_freed_memory`) instead of fresh pages.
 
+On a GPU the loop is static (`_decode_static`, `loop="static"`): the rows above depend on the tokens
+drawn, so each step of that loop reads values from the device, and a GPU would wait for itself at
+every step. The static loop keeps one row per answer for the whole batch, makes the random numbers on
+the device (`draws.race_noise_on_device`, the host's random bits) and looks at which answers ended
+only every `STATIC_CHECK_EVERY` steps; it draws the same answers (the tests).
+
 What "independent of batch_size" means in bfloat16: the random numbers of every answer and step
 are the same whatever the batching, so two runs differ only where the model's logits differ. In
 float32 the logits of a row change between batch shapes by ~1e-7 and answers are identical
@@ -70,6 +76,9 @@ __all__ = ["sample_answers", "sample_token_ids", "sample_rows", "greedy_answers"
 
 DEFAULT_ROWS = 512  # rows (question, sample) decoded together on a CPU; measured in benchmarks/README.md
 SHARED_PROMPT_ROWS = 4  # answers per prompt from which a batch keeps each prompt's keys and values once
+STATIC_CHECK_EVERY = 8  # `_decode_static`: steps between two looks of the host at which answers ended
+LOOPS = ("auto", "prefix", "static")  # decoding loops: `_decode` (shared prefixes), `_decode_static`; auto:
+# static on a GPU without a step observer, prefix elsewhere
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +92,18 @@ def _eos_ids(model, tokenizer) -> list[int]:
             continue
         ids.update([source] if isinstance(source, int) else source)
     return sorted(ids)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch on `device`: (token ids, attention mask, positions)."""
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        prompt_ids[i, width - len(ids):] = torch.tensor(ids)
+        prompt_mask[i, width - len(ids):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    return prompt_ids, prompt_mask, (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 @torch.inference_mode()
@@ -105,14 +126,8 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
     of the work there."""
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        prompt_ids[i, width - len(ids):] = torch.tensor(ids)
-        prompt_mask[i, width - len(ids):] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    prompt_ids, prompt_mask, positions = _left_padded(prompts, pad_id, device)
+    width = prompt_ids.shape[1]
     answers = len(row_prompt)
     # the prompts' keys and values kept once (kv_cache.SharedPrompt) where several answers continue
     # each prompt and the decoding attention is ours (a CPU); else every row holds its prompt
@@ -193,6 +208,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
         slots = logits.shape[0]
         child_slot = parent.clone()
         child_slot[extra] = slots + torch.arange(len(extra), device=device)
+        moved = bool(len(extra))  # rows added or dropped: the shared prompt's row order changes
         if len(extra):
             source = parent[extra]
             for layer in cache.layers:
@@ -210,6 +226,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
         used = torch.zeros(slots, dtype=torch.bool, device=device)
         used[child_slot] = True
         if int((~used).sum()) * 16 >= slots:
+            moved = True
             keep = used.nonzero()[:, 0]
             remap = torch.full((slots,), -1, dtype=torch.long, device=device)
             remap[keep] = torch.arange(len(keep), device=device)
@@ -221,7 +238,8 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             states = {k: v[keep] for k, v in states.items()}
             answer_slot = remap[answer_slot]
         if shared_prompt is not None:  # the prompts' padding is the shared prompt's: no mask to build
-            shared_prompt.set_rows(slot_prompt)
+            if moved:
+                shared_prompt.set_rows(slot_prompt)
             mask = None
         else:
             mask = torch.cat([prompt_mask[slot_prompt], torch.ones((len(slot_prompt), step + 1), dtype=torch.long,
@@ -240,6 +258,104 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             ids = ids[:-1]
         results.append(ids)
     return results
+
+
+@torch.inference_mode()
+def _decode_static(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], keys: np.ndarray,
+                   greedy_rows: np.ndarray, *, max_new_tokens: int, temperature: float, top_p: float,
+                   logits_processors: Sequence[LogitsProcessor], eos_ids: list[int], on_step=None,
+                   check_every: int | None = None, device_noise: bool | None = None) -> list[list[int]]:
+    """`_decode` without waiting for the device: one row per answer for the whole batch (no prefix
+    sharing, no rows dropped), the random numbers made on the device (`draws.race_noise_on_device`),
+    tokens kept there, and a fixed attention mask sliced per step. The host learns how many answers
+    have ended only every `check_every` steps (default `STATIC_CHECK_EVERY`), to stop early and move the
+    progress bar; a GPU queues the steps in between without a synchronisation. Answers that ended
+    keep decoding until then (what follows their EOS is dropped), which costs compute and changes
+    nothing: each answer is the one
+    `_decode` draws (the same random stream per answer and step; identical in float32, the tests).
+    What `_run` uses on a GPU; a CPU gains more from `_decode`'s shared prefixes. `device_noise`: the
+    random numbers made by torch where the model is (default: on a GPU; on a CPU numpy makes them)."""
+    check_every = check_every or STATIC_CHECK_EVERY
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    prompt_ids, prompt_mask, positions = _left_padded(prompts, pad_id, device)
+    width = prompt_ids.shape[1]
+    answers = len(row_prompt)
+    cache = kv_cache(width + max_new_tokens, row_capacity=max(answers, len(prompts)))
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
+    rows = torch.tensor(row_prompt, device=device)
+    for layer in cache.layers:  # each answer's row holds a copy of its prompt's keys and values
+        layer.keep_rows(rows)
+    logits = out.logits[:, -1][rows]
+    # attend to the prompt (not its padding) and every generated position, sliced to the cached length at
+    # each step: for sdpa (a GPU's default) and ours a boolean 4-d mask, which transformers passes on as it
+    # is; for other attentions the 2-d mask, from which transformers builds theirs (and may look at it)
+    mask = torch.ones((answers, width + max_new_tokens), dtype=torch.long, device=device)
+    mask[:, :width] = prompt_mask[rows]
+    if getattr(model.config, "_attn_implementation", None) in ("sdpa", DECODE_ATTENTION):
+        mask = mask.bool()[:, None, None, :]
+    position = positions[rows, -1] + 1
+    sequences = None
+    if logits_processors:
+        sequences = torch.full((answers, width + max_new_tokens), pad_id, dtype=torch.long, device=device)
+        sequences[:, :width] = prompt_ids[rows]
+    states = {k: p.initial_state(answers, device) for k, p in enumerate(logits_processors)
+              if row_aware(p) and hasattr(p, "initial_state")}
+    greedy_host = np.asarray(greedy_rows, dtype=bool) | (temperature == 0)
+    greedy = torch.from_numpy(greedy_host).to(device)
+    device_noise = device.type != "cpu" if device_noise is None else device_noise
+    noise_keys = draws.device_keys(keys, device) if device_noise else keys
+    generated = torch.full((answers, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(answers, dtype=torch.bool, device=device)
+    invalid = torch.zeros(answers, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    counted = 0
+    for step in range(max_new_tokens):
+        scores = logits
+        if logits_processors:  # every row, an answer that ended with weight 0 (its tokens are ignored)
+            scores = logits.float()
+            current, info = sequences[:, : width + step], DecodingStep(step=step, weights=(~done).long())
+            for k, processor in enumerate(logits_processors):
+                if not row_aware(processor):
+                    scores = processor(current, scores)
+                    continue
+                info.state = states.get(k)
+                scores = processor(current, scores, info)
+                if k in states:
+                    states[k] = info.state
+        if greedy_host.all():
+            tokens = scores.argmax(dim=-1)
+        else:
+            drawn = draws.draw(scores, None, noise_keys, step, temperature=temperature, top_p=top_p, invalid=invalid)
+            tokens = torch.where(greedy, scores.argmax(dim=-1), drawn) if greedy_host.any() else drawn
+        invalid &= ~done  # a row that ended may hold anything (its tokens after EOS are never read)
+        generated[:, step] = tokens
+        if sequences is not None:
+            sequences[:, width + step] = tokens
+        done |= torch.isin(tokens, eos)
+        last = step == max_new_tokens - 1
+        if last or (step + 1) % check_every == 0:  # the host waits for the device here only
+            ended = int(done.sum())
+            if on_step is not None and ended > counted:
+                on_step(ended - counted)
+            counted = ended
+            if ended == answers:
+                break
+        if last:
+            break
+        out = model(input_ids=tokens[:, None], attention_mask=mask[..., : width + step + 1],
+                    position_ids=(position + step)[:, None], use_cache=True, **cache_argument(model, cache))
+        logits = out.logits[:, -1]
+    if bool(invalid.any()):
+        raise ValueError(draws.NO_FINITE_LOGIT)
+    if on_step is not None:
+        on_step(None)
+    generated = generated.cpu()  # the tokens' one copy to the host
+    ended = torch.isin(generated, torch.tensor(eos_ids))
+    # an answer's tokens run up to its first EOS, which is dropped (as `_decode` returns them)
+    lengths = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), max_new_tokens).tolist()
+    return [ids[:length] for ids, length in zip(generated.tolist(), lengths)]
 
 
 def _check_common(questions, max_new_tokens: int) -> list[str]:
@@ -276,9 +392,10 @@ def planned_rows(model, tokenizer, questions: list[str], rows: list[tuple[int, i
 
 def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *, max_new_tokens: int, seed: int,
          temperature: float, top_p: float, logits_processors, batch_size: int, progress: bool,
-         desc: str, step_observer: StepObserver | None = None) -> list[list[int]]:
+         desc: str, step_observer: StepObserver | None = None, loop: str = "auto") -> list[list[int]]:
     """Token ids of each row (question index i, sample index j; j = GREEDY: argmax decoding), in the
-    order of `rows`, decoded in batches of up to `batch_size` consecutive rows."""
+    order of `rows`, decoded in batches of up to `batch_size` consecutive rows, by `loop` (`LOOPS`)."""
+    static = _static_loop(model, loop, step_observer)
     reuse_freed_memory()
     prompts = {}
     if batch_size is None:  # a GPU: the largest batch whose memory plan fits what is free
@@ -307,16 +424,30 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
             def observer(local_rows, step, logits, rows, tokens, chunk_q=chunk_q, chunk_j=chunk_j):
                 step_observer(chunk_q[local_rows], chunk_j[local_rows], step, logits, rows, tokens)
         before = bar.n
+        common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step)
         with decoding_attention(model):
-            ids = _decode(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk], keys,
-                          greedy_rows,
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step,
-                          observer=observer)
+            if static:
+                ids = _decode_static(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk],
+                                     keys, greedy_rows, **common)
+            else:
+                ids = _decode(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk], keys,
+                              greedy_rows, observer=observer, **common)
         bar.update(before + len(chunk) - bar.n)  # rows cut at max_new_tokens count as done too
         result[start:start + len(chunk)] = ids
     bar.close()
     return result
+
+
+def _static_loop(model, loop: str, step_observer) -> bool:
+    """Whether `_run` decodes with `_decode_static`: `loop` "static", or "auto" on a GPU (any device but
+    the CPU) without a step observer (which sees the answers still generating at every step)."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    if loop == "static" and step_observer is not None:
+        raise ValueError("the static loop does not call a step observer (it sees the live answers at every step): "
+                         "use loop='prefix'")
+    return loop == "static" or (loop == "auto" and step_observer is None and model_device(model).type != "cpu")
 
 
 def _check_sampling(num_samples, temperature, top_p, seed) -> tuple[int, float, float, int]:
@@ -336,7 +467,7 @@ def _check_sampling(num_samples, temperature, top_p, seed) -> tuple[int, float, 
 
 
 def _sample(model, tokenizer, questions, *, num_samples, temperature, top_p, max_new_tokens, seed, logits_processors,
-            batch_size, progress, with_greedy: bool, step_observer: StepObserver | None = None):
+            batch_size, progress, with_greedy: bool, step_observer: StepObserver | None = None, loop: str = "auto"):
     """Checked arguments -> (greedy ids per question or None, sampled ids per question)."""
     questions = _check_common(questions, max_new_tokens)
     num_samples, temperature, top_p, seed = _check_sampling(num_samples, temperature, top_p, seed)
@@ -351,7 +482,7 @@ def _sample(model, tokenizer, questions, *, num_samples, temperature, top_p, max
     ids = _run(model, tokenizer, questions, rows, max_new_tokens=int(max_new_tokens), seed=seed,
                temperature=temperature, top_p=top_p, logits_processors=list(logits_processors or []),
                batch_size=batch_size, progress=progress, desc="sampling",
-               step_observer=step_observer) if questions else []
+               step_observer=step_observer, loop=loop) if questions else []
     width = num_samples + len(first)
     per_question = [ids[k * width:(k + 1) * width] for k in range(len(questions))]
     greedy = [rows_[0] for rows_ in per_question] if with_greedy else None
@@ -373,22 +504,28 @@ def sample_token_ids(model, tokenizer, questions: Sequence[str], *, num_samples:
                      top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                      logits_processors: Sequence[LogitsProcessor] | None = None,
                      batch_size: int | None = None, progress: bool = True,
-                     step_observer: StepObserver | None = None) -> list[list[list[int]]]:
+                     step_observer: StepObserver | None = None, loop: str = "auto") -> list[list[list[int]]]:
     """Like `sample_answers`, but the generated token ids (EOS not included): `result[i][j]` is
-    the list of tokens of answer j to question i. An empty list means EOS came first."""
+    the list of tokens of answer j to question i. An empty list means EOS came first. `loop`: how
+    batches decode (`LOOPS`): "prefix", rows shared by answers with the same prefix (a CPU's
+    default); "static", a row per answer and no wait for the device between steps (a GPU's default,
+    `_decode_static`). The answers are the same (the tests)."""
     return _sample(model, tokenizer, questions, num_samples=num_samples, temperature=temperature, top_p=top_p,
                    max_new_tokens=max_new_tokens, seed=seed, logits_processors=logits_processors,
-                   batch_size=batch_size, progress=progress, with_greedy=False, step_observer=step_observer)[1]
+                   batch_size=batch_size, progress=progress, with_greedy=False, step_observer=step_observer,
+                   loop=loop)[1]
 
 
 def sample_rows(model, tokenizer, questions: Sequence[str], rows: Sequence[tuple[int, int]], *,
                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int, seed: int = 0,
                 logits_processors: Sequence[LogitsProcessor] | None = None, batch_size: int | None = None,
-                progress: bool = True, step_observer: StepObserver | None = None) -> list[list[int]]:
+                progress: bool = True, step_observer: StepObserver | None = None,
+                loop: str = "auto") -> list[list[int]]:
     """Token ids of chosen answers only: `rows` lists (question index i, sample index j), j >= 0 a
     sample or `GREEDY` (-1) the greedy answer. Answer j to question i is the one `sample_token_ids`
     draws with the same seed (its random stream depends on (seed, question text, j) only), so a few
-    answers can be redrawn, e.g. under a logits processor, without decoding the others."""
+    answers can be redrawn, e.g. under a logits processor, without decoding the others. `loop`: as in
+    `sample_token_ids`."""
     questions = _check_common(questions, max_new_tokens)
     _, temperature, top_p, seed = _check_sampling(1, temperature, top_p, seed)
     batch_size = _check_batch_size(batch_size, model)
@@ -401,7 +538,7 @@ def sample_rows(model, tokenizer, questions: Sequence[str], rows: Sequence[tuple
         return []
     return _run(model, tokenizer, questions, rows, max_new_tokens=int(max_new_tokens), seed=seed,
                 temperature=temperature, top_p=top_p, logits_processors=list(logits_processors or []),
-                batch_size=batch_size, progress=progress, desc="sampling", step_observer=step_observer)
+                batch_size=batch_size, progress=progress, desc="sampling", step_observer=step_observer, loop=loop)
 
 
 @renamed_arguments(n="num_samples")
