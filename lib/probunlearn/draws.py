@@ -77,7 +77,8 @@ def race_noise_on_device(keys: torch.Tensor, step: int, num_blocks: int) -> tupl
     """`race_noise` computed where `keys` (from `device_keys`) live, with no copy from the host: on a
     GPU the host's noise would be a copy (and a wait for the device) at every step. SplitMix64 runs on
     int64 (multiplication wraps as on uint64; right shifts are made logical), so the random bits are
-    those of `race_noise`, and the noise agrees with it to the last bit of float64's logarithm."""
+    those of `race_noise` bit for bit, and the noise agrees with it to one rounding of float64's
+    logarithm (torch's and numpy's may differ in the last bit)."""
     bits = race_bits_on_device(keys, step, num_blocks + RACE_BLOCK)
     noise = -torch.log((_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53)
     return noise[:, :num_blocks], noise[:, num_blocks:]
