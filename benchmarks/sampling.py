@@ -63,7 +63,7 @@ def run_ours(model, tokenizer, questions, args) -> tuple[float, list[int]]:
     start = time.perf_counter()
     ids = sample_token_ids(model, tokenizer, questions, num_samples=args.samples, temperature=args.temperature,
                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=SEED,
-                           batch_size=args.batch_size, progress=False, loop=getattr(args, "loop", "auto"))
+                           batch_size=args.batch_size, progress=False, loop=args.loop)
     seconds = time.perf_counter() - start
     return seconds, [len(r) for rows in ids for r in rows]
 

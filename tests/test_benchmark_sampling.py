@@ -22,7 +22,8 @@ def test_profile_splits_a_run_into_its_parts_and_restores_the_sampler():
     benchmark = load_benchmark()
     model, tokenizer = tiny_model(), tiny_tokenizer()
     draw, forward = draws.draw, model.forward
-    args = argparse.Namespace(samples=16, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=None)
+    args = argparse.Namespace(samples=16, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=None,
+                              loop="auto")
     seconds, shares = benchmark.profile_ours(model, tokenizer, ["who", "what is it"], args)
     assert seconds > 0
     assert list(shares) == list(benchmark.PARTS)

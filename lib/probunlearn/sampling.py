@@ -106,6 +106,22 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return prompt_ids, prompt_mask, (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def _processed(processors: Sequence[LogitsProcessor], states: dict, current: torch.Tensor, scores: torch.Tensor,
+               info: DecodingStep, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """`scores` (of the decoding rows `rows`; `current`: their tokens so far) after the logits
+    processors, in order. A row-aware processor with per-row state (`states[k]`, every row's) gets the
+    state of these rows in `info` and its new state is written back."""
+    for k, processor in enumerate(processors):
+        if not row_aware(processor):
+            scores = processor(current, scores)
+            continue
+        info.state = states[k][rows] if k in states else None
+        scores = processor(current, scores, info)
+        if k in states:
+            states[k][rows] = info.state
+    return scores
+
+
 @torch.inference_mode()
 def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], keys: np.ndarray,
             greedy_rows: np.ndarray, *,
@@ -164,16 +180,8 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
             weights = torch.bincount(answer_slot, minlength=logits.shape[0])
             live = (weights > 0).nonzero()[:, 0]
             scores = logits.float()
-            current, part = sequences[live, : width + step], scores[live]
-            info = DecodingStep(step=step, weights=weights[live])
-            for k, processor in enumerate(logits_processors):
-                if not row_aware(processor):
-                    part = processor(current, part)
-                    continue
-                info.state = states[k][live] if k in states else None
-                part = processor(current, part, info)
-                if k in states:
-                    states[k][live] = info.state
+            part = _processed(logits_processors, states, sequences[live, : width + step], scores[live],
+                              DecodingStep(step=step, weights=weights[live]), live)
             scores = scores.index_copy(0, live, part)
         is_greedy = greedy[answer_index].to(device)
         tokens = torch.empty(len(answer_index), dtype=torch.long, device=device)
@@ -314,16 +322,8 @@ def _decode_static(model, tokenizer, prompts: list[list[int]], row_prompt: list[
     for step in range(max_new_tokens):
         scores = logits
         if logits_processors:  # every row, an answer that ended with weight 0 (its tokens are ignored)
-            scores = logits.float()
-            current, info = sequences[:, : width + step], DecodingStep(step=step, weights=(~done).long())
-            for k, processor in enumerate(logits_processors):
-                if not row_aware(processor):
-                    scores = processor(current, scores)
-                    continue
-                info.state = states.get(k)
-                scores = processor(current, scores, info)
-                if k in states:
-                    states[k] = info.state
+            scores = _processed(logits_processors, states, sequences[:, : width + step], logits.float(),
+                                DecodingStep(step=step, weights=(~done).long()))
         if greedy_host.all():
             tokens = scores.argmax(dim=-1)
         else:
