@@ -10,10 +10,11 @@ from datasets import Dataset
 from tiny_lm import tiny_model, tiny_tokenizer
 
 from probunlearn import bounds
-from probunlearn.comparison import (best_above_bar, firing_curve, leakage_point, method_verdicts, mixing_lambdas,
-                                    reading_cells, run_to_bar, variant_name, variant_table, verdict_table)
+from probunlearn.comparison import (best_above_bar, continue_runs, firing_curve, leakage_point, method_verdicts,
+                                    mixing_lambdas, reading_cells, run_to_bar, variant_name, variant_table, verdict_table)
 from probunlearn.stats import holm
-from probunlearn.unlearning import adapter_state
+from probunlearn.objectives import entropy_regulariser
+from probunlearn.unlearning import adapter_state, unlearn
 from tiny_unlearning import FORGET, RETAIN, fresh
 from probunlearn.probabilistic import evaluate_model
 from probunlearn.sampling import greedy_answers
@@ -191,3 +192,32 @@ def test_run_to_bar_stops_below_the_bar_and_keeps_its_best_point(tiny):
     with pytest.raises(TypeError, match="stop_when"):
         run_to_bar(model, tokenizer, FORGET, RETAIN, bar=0.9, evaluate=evaluate, stop_when=None, method="ga", steps=1,
                    learning_rate=1e-2, batch_size=2)
+
+
+def test_continue_runs_start_every_arm_at_one_state_and_pad_only_the_regularised_ones(tiny):
+    model, tokenizer = fresh(tiny)
+    common = dict(method="ga", learning_rate=1e-2, batch_size=2, seed=3, progress=False)
+    unlearn(model, tokenizer, FORGET, RETAIN, steps=2, keep_checkpoints=False, **common)  # phase one
+    start = adapter_state(model)
+    widths = []
+
+    def width(out):  # records the width of each step's forget batch, adds nothing to the loss
+        widths.append(out.batches["forget"]["input_ids"].shape[1])
+        return {}
+    width.uses, width.parts = ("forget",), True
+
+    arms = {"plain": [], "+ entropy": [entropy_regulariser(1.0, -0.25, "all")], "padded": [width]}
+    ended = continue_runs(model, tokenizer, FORGET, RETAIN, start, arms, evaluate=adapter_state, steps=3, pad_to=64,
+                          **common)
+    assert list(ended) == list(arms) and all(len(e["log"]) == 3 and e["seconds"] > 0 for e in ended.values())
+    assert widths == [64, 64, 64]  # a regularised arm runs padded; the plain one does not need to
+    assert all(torch.equal(v, start[k]) for k, v in adapter_state(model).items())  # the model holds the start again
+    # the control is the plain objective continued from the start, over the same batches
+    unlearn(model, tokenizer, FORGET, RETAIN, steps=3, keep_checkpoints=False, **common)
+    assert all(torch.allclose(v, ended["plain"]["result"][k]) for k, v in adapter_state(model).items())
+    assert not all(torch.allclose(v, ended["+ entropy"]["result"][k]) for k, v in ended["plain"]["result"].items())
+    # the padded arm adds nothing to the loss: it ends where the control does (padding changes no answer-token mean)
+    assert all(torch.allclose(v, ended["padded"]["result"][k], atol=1e-5) for k, v in ended["plain"]["result"].items())
+    with pytest.raises(TypeError, match="regularisers"):
+        continue_runs(model, tokenizer, FORGET, RETAIN, start, arms, evaluate=adapter_state, steps=1, regularisers=[],
+                      **common)

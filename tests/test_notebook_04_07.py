@@ -90,6 +90,32 @@ def test_04_dynamics_runs_and_figures(smoke_run, entropy_dir):
         assert (smoke_run["results"] / "figures" / f"{figure}.png").stat().st_size > 1000
 
 
+def test_04_two_phase_arms_continue_from_plain_best_point_and_are_judged_against_the_control(smoke_run, entropy_dir):
+    cells = pd.read_csv(entropy_dir / "two_phase_cells.csv")
+    eo_arms = [f"+ entropy (λ_f = {w:g})" for w in SMOKE["TWO_PHASE_WEIGHTS"]]
+    assert SMOKE["TWO_PHASE_STEPS"] > 0 and sorted(set(cells["variant"])) == sorted(["start", "continued", *eo_arms])
+    sizes = cells.groupby(["variant", "split"]).size().unstack()
+    seeds = len(SMOKE["UNLEARN_SEEDS"]) * len(SMOKE["ENTROPY_METHODS"])
+    assert (sizes["forget"] == seeds * SMOKE["ENTROPY_QUESTIONS"]).all()
+    assert (sizes["retain"] == seeds * SMOKE["ENTROPY_RETAIN_QUESTIONS"]).all()
+    # the start is the regime test's baseline, cell for cell (same model, same sampling seed)
+    regime = pd.read_csv(entropy_dir / "cells.csv")
+    baseline = regime[(regime["mode"] == "plain") & ~regime["entropy"]].set_index(["seed", "method", "split", "question"])
+    start = cells[cells["variant"] == "start"].set_index(["seed", "method", "split", "question"])
+    assert np.allclose(start["m_bin"], baseline.loc[start.index, "m_bin"])
+    # every + EO arm is judged against the continued control on the forget cells, never the start
+    verdicts = pd.read_csv(entropy_dir / "two_phase_verdicts.csv")
+    assert set(verdicts["variant"]) <= set(eo_arms) and len(verdicts) >= 1
+    assert (verdicts["cells"] == seeds * SMOKE["ENTROPY_QUESTIONS"]).all()
+    assert set(verdicts["verdict"]) <= set(VERDICTS) | set(NOT_TESTED)
+    headline = pd.read_csv(entropy_dir / "two_phase.csv")
+    bar = json.loads((entropy_dir / "summary.json").read_text())["bar"]
+    assert len(headline) == len(SMOKE["ENTROPY_METHODS"]) * (2 + len(eo_arms))
+    assert (headline["retain_above_bar"] == (headline["retain_greedy_rouge_l"] >= bar)).all()
+    assert json.loads((entropy_dir / "summary.json").read_text())["two_phase"]["steps"] == SMOKE["TWO_PHASE_STEPS"]
+    assert (smoke_run["results"] / "figures" / "04_two_phase.png").stat().st_size > 1000
+
+
 def test_07_writes_every_figure_and_table_it_promises(smoke_run):
     figures = smoke_run["figures"]
     for name in FIGURES:

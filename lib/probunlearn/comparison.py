@@ -9,6 +9,8 @@ over seeds, with intervals and paired verdicts (SPEC §2, §6.2; notebook 04).
 - `run_to_bar(model, ...)`: an unlearning run evaluated every few steps until it has fallen below
   the utility bar, keeping its best point above the bar (the model the regime test samples);
   `best_above_bar(trace)` finds that point in a saved trace;
+- `continue_runs(model, ...)`: a second phase from one such point: the plain objective (the control)
+  and each variant (e.g. + EO at several λ_f, padded as [P1]'s code pads) for the same steps;
 - `reading_cells(evaluated)`: the per-question cells of a model sampled plainly and under each
   reading of adaptive temperature (`temperature.evaluate_adaptive`), for `stats`;
 - `variant_table(cells)`: per method, condition and variant, the means with 95 % intervals;
@@ -39,10 +41,10 @@ from probunlearn.metrics import is_leak, keyword_hit, rouge_l_recall
 from probunlearn.probabilistic import question_cells
 from probunlearn.sampling import GREEDY, answer_texts, sample_rows
 from probunlearn.stats import holm_verdicts, paired_verdicts, summarise_cells
-from probunlearn.unlearning import UnlearningRun, adapter_state, unlearn
+from probunlearn.unlearning import UnlearningRun, adapter_state, load_adapter_state, unlearn
 
-__all__ = ["leakage_point", "run_to_bar", "best_above_bar", "reading_cells", "variant_name", "variant_table",
-           "verdict_table", "firing_curve", "sweep_table", "MODES"]
+__all__ = ["leakage_point", "run_to_bar", "continue_runs", "best_above_bar", "reading_cells", "variant_name",
+           "variant_table", "verdict_table", "firing_curve", "sweep_table", "MODES"]
 
 MODES = ("plain", "entropy", "confidence")  # sampling: plain, or adaptive temperature in either reading
 
@@ -113,6 +115,33 @@ def run_to_bar(model, tokenizer, forget_set, retain_set, *, bar: float, evaluate
         raise ValueError(f"no evaluation met the bar {bar:.3f} on {bar_metric}, not even before the first step")
     best["step"] = int(run.trace[best.pop("index")]["step"])
     return run, best
+
+
+def continue_runs(model, tokenizer, forget_set, retain_set, start: Mapping, arms: Mapping[str, Sequence[Callable]], *,
+                  evaluate: Callable, steps: int, pad_to: int | None = None, **unlearn_args) -> dict:
+    """A second phase of unlearning (issue 24's two-phase run): from one state of the trained weights
+    (`start`, an `adapter_state`, e.g. plain GA at its best point above the utility bar), each arm
+    continues for the same `steps` steps over the same batches (`unlearn_args` as `unlearning.unlearn`,
+    its `seed` included; each arm gets a fresh optimiser) with its own `regularisers` (an empty list:
+    the plain objective, the control), and `evaluate(model)` measures where it ends. `pad_to` pads the
+    batches of the arms with regularisers only: the plain objectives average over answer tokens and do
+    not notice padding, so their arm runs unpadded (and faster) to the same step.
+    The model ends holding `start` again.
+
+    Returns {arm: {'result': evaluate(model), 'seconds': training time, 'log': the run's step log}}."""
+    for key in ("regularisers", "evaluate", "eval_every", "keep_checkpoints"):
+        if key in unlearn_args:
+            raise TypeError(f"continue_runs sets {key!r} itself")
+    ended = {}
+    try:
+        for arm, regularisers in arms.items():
+            load_adapter_state(model, start)
+            run = unlearn(model, tokenizer, forget_set, retain_set, steps=steps, regularisers=list(regularisers),
+                          pad_to=pad_to if regularisers else None, keep_checkpoints=False, **unlearn_args)
+            ended[arm] = {"result": evaluate(model), "seconds": run.seconds, "log": run.log}
+    finally:
+        load_adapter_state(model, start)
+    return ended
 
 
 def best_above_bar(trace: pd.DataFrame, bar: float, *, bar_metric: str = "retain_rouge_l_recall",

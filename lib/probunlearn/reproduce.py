@@ -245,7 +245,7 @@ FINISHED = {"01": "data/stats.json", "02": ARTEFACTS["finetune_summary"], "03": 
 # on the AVX2 stand-in even at the slow-CPU sizes); the paper profile has no measured times (no GPU has run it).
 EXPECTED_MINUTES = {
     "smoke": {"01": 0.2, "02": 2.1, "03": 3.2, "04": 2.2, "05": 1.4, "06": 1.0, "07": 0.3},
-    "cpu": {"01": 0.2, "02": 5.3, "03": 15.4, "04": 11.8, "05": 22.3, "06": 5.8, "07": 0.2},
+    "cpu": {"01": 0.2, "02": 6.6, "03": 15.3, "04": 13.7, "05": 20.3, "06": 6.4, "07": 0.3},
 }
 DRIVE_FOLDER = Path("/content/drive/MyDrive/probunlearn")  # results/ and figures/ on a mounted Google Drive
 

@@ -37,6 +37,9 @@ ARTEFACTS = {
     "entropy_runs": "entropy/runs.csv",
     "entropy_firing": "entropy/firing.csv",
     "entropy_sweep": "entropy/sweep.csv",
+    "entropy_two_phase": "entropy/two_phase.csv",  # section 4, where the profile runs it
+    "entropy_two_phase_cells": "entropy/two_phase_cells.csv",
+    "entropy_two_phase_verdicts": "entropy/two_phase_verdicts.csv",
     # 05 probabilistic evaluation
     "probabilistic_summary": "probabilistic/summary.json",
     "probabilistic_cells": "probabilistic/cells.csv",
@@ -54,7 +57,7 @@ ARTEFACTS = {
     "attack_weights": "attacks/weights.csv",
     "attack_table": "attacks/table.csv",
 }
-MARKDOWN_TOO = ("matched_utility", "retain_distance_ranking", "entropy_headline", "attack_table", "probabilistic_claim")
+MARKDOWN_TOO = ("matched_utility", "retain_distance_ranking", "entropy_headline", "entropy_two_phase", "attack_table", "probabilistic_claim")
 
 # The models of notebook 02 that `list_models` lists first, in this order (`target_partial`: the
 # partial-knowledge control, the target's recipe for fewer epochs).
