@@ -57,7 +57,8 @@ ARTEFACTS = {
     "attack_weights": "attacks/weights.csv",
     "attack_table": "attacks/table.csv",
 }
-MARKDOWN_TOO = ("matched_utility", "retain_distance_ranking", "entropy_headline", "entropy_two_phase", "attack_table", "probabilistic_claim")
+MARKDOWN_TOO = ("matched_utility", "retain_distance_ranking", "entropy_headline", "entropy_two_phase", "attack_table",
+                "probabilistic_claim")
 
 # The models of notebook 02 that `list_models` lists first, in this order (`target_partial`: the
 # partial-knowledge control, the target's recipe for fewer epochs).
