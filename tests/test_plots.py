@@ -1,4 +1,5 @@
-"""The figures notebooks 03 and 07 share: the forgetting-vs-utility plot read against the retain model."""
+"""The figures notebooks share: the forgetting-vs-utility plot read against the retain model (03, 07), and the
+bars of notebook 04's variants with their intervals."""
 
 import matplotlib
 
@@ -8,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from probunlearn.plots import forget_utility_tradeoff
+from probunlearn.plots import forget_utility_tradeoff, variant_bars
 
 
 def matched_table():
@@ -70,4 +71,21 @@ def test_tradeoff_takes_explicit_references_and_fails_without_a_retain_score():
     assert ax.get_legend() is None
     with pytest.raises(ValueError, match="retain_forget"):
         forget_utility_tradeoff(ax, controlled, bar=0.8)
+    plt.close(fig)
+
+
+def test_variant_bars_draw_each_variant_in_order_with_its_interval_one_group_per_method():
+    table = pd.DataFrame({"method": ["ga", "ga", "npo", "npo"], "variant": ["b", "a", "a", "b"],
+                          "m": [0.2, 0.5, 0.4, 0.1], "m_low": [0.1, 0.3, 0.4, 0.0], "m_high": [0.3, 0.9, 0.6, 0.1]})
+    fig, ax = plt.subplots()
+    variant_bars(ax, table, "m", ["a", "b"], colours=["C0", "C3"], rotation=20)
+    bars = ax.patches
+    assert [round(b.get_height(), 6) for b in bars] == [0.5, 0.2, 0.4, 0.1]  # ga's a, b, then npo's a, b
+    assert [round(b.get_x() + b.get_width() / 2, 6) for b in bars] == [-0.2, 0.8, 0.2, 1.2]  # groups side by side
+    assert bars[0].get_alpha() == 1 and bars[2].get_alpha() == pytest.approx(0.6)
+    segments = [seg for c in ax.collections for seg in c.get_segments()]
+    assert sorted((round(s[0][1], 6), round(s[1][1], 6)) for s in segments) == [(0.0, 0.1), (0.1, 0.3), (0.3, 0.9),
+                                                                               (0.4, 0.6)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_xticklabels()[0].get_rotation() == 20
+    assert ax.get_legend_handles_labels()[1] == ["ga", "npo"]  # labelled groups where there is more than one
     plt.close(fig)

@@ -1,9 +1,11 @@
-"""Figures that more than one notebook draws (notebooks 03, 05 and 07), so that all show the same thing.
+"""Figures that more than one notebook or section draws (notebooks 03, 04, 05 and 07), so that all show the same thing.
 
 - `forget_utility_tradeoff`: [P2]'s forgetting vs utility scatter, read as SPEC §4 says forget scores
   must be read: against the retain model (which never saw the forget facts), not "lower is better".
 - `claim_figure`: [P1]'s first claim where it applies (SPEC §6.1): greedy against sampled leakage per
   model, and P(leak within n | greedy clean) beside the retain model and the partial-knowledge control.
+- `variant_bars`: one metric per variant with its 95 % interval, a group of bars per base method
+  (notebook 04's regime test and its two-phase run).
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ def _interval(row, column: str):
     if low is None or high is None or pd.isna(low) or pd.isna(high):
         return None
     return [[row[column] - low], [high - row[column]]]
+
+
+def variant_bars(ax, table: pd.DataFrame, column: str, order, *, colours, by: str = "method", rotation: float = 25):
+    """Bars of `column` for each variant in `order` (rows of `table`, notebook 04's `variant_table`),
+    with their 95 % intervals (`<column>_low` / `_high`) as error bars, one group of bars per value of
+    `by` side by side (later groups paler, labelled where there is more than one); `colours`: one per
+    variant in `order`."""
+    groups = list(dict.fromkeys(table[by]))
+    width = 0.8 / len(groups)
+    for k, group in enumerate(groups):
+        rows = table[table[by] == group].set_index("variant").loc[list(order)]
+        ax.bar(np.arange(len(order)) + (k - (len(groups) - 1) / 2) * width, rows[column], width, capsize=3,
+               yerr=[rows[column] - rows[column + "_low"], rows[column + "_high"] - rows[column]],
+               color=colours, alpha=1 - 0.4 * k, label=group if len(groups) > 1 else None)
+    ax.set(xticks=range(len(order)))
+    ax.set_xticklabels(order, rotation=rotation, ha="right", fontsize=8)
 
 
 def forget_utility_tradeoff(ax, table: pd.DataFrame, *, bar: float, retain_forget: float | None = None,
