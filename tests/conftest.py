@@ -62,11 +62,11 @@ def tiny(tmp_path_factory):
 # single-threaded runs of these small workloads finish sooner than one after the other.
 RUN_PROFILES = ("smoke", "tofu-smoke")
 # The smoke run starts with notebook 05 alone in its empty results folder (as a Colab badge opens it):
-# it builds notebooks 01-03's results itself (`reproduce.ensure_inputs`). Then its 04, and its 06 on the
-# core the tofu-smoke run leaves free (04 and 06 read only 01-03's results); its full run last finds 01-06
-# up to date and runs 07. (The tofu-smoke run takes about 3/4 of the smoke chain's time: with the smoke
-# notebooks in one process, the fixture waited for that chain alone, 628 s against tofu-smoke's 450 s on
-# the AVX2 stand-in, 2026-12-05.)
+# it builds notebooks 01-03's results itself (`reproduce.ensure_inputs`). Then its 04 and 06 (they read
+# only 01-03's results): 04 first, on the core smoke 05 leaves, 06 on the first one free after that
+# (the tofu-smoke run's, as a rule); its full run last finds 01-06 up to date and runs 07. (The tofu-smoke
+# run takes about 3/4 of the smoke chain's time: with the smoke notebooks in one process, the fixture
+# waited for that chain alone, 628 s against tofu-smoke's 450 s on the AVX2 stand-in, 2026-12-05.)
 # The GPU check's notebooks check (benchmarks/gpu_check.py --notebooks: the smoke notebooks with MODEL a
 # saved random-weight model), dry-run on notebook 01 with a 2-block model beside the last step, 07 (20 s
 # in all against 07's 18 s, natively on the Zen 4; with notebook 02 too it took 38 s on the AVX2 stand-in,
@@ -77,7 +77,7 @@ GPU_CHECK_NOTEBOOKS = "01"
 STEPS = {"smoke 05": ("smoke", [LONE_NOTEBOOK["smoke"]], ()),
          "tofu-smoke": ("tofu-smoke", None, ()),
          "smoke 04": ("smoke", ["04"], ("smoke 05",)),
-         "smoke 06": ("smoke", ["06"], ("smoke 05", "tofu-smoke")),
+         "smoke 06": ("smoke", ["06"], ("smoke 05",)),
          "gpu-check": ("gpu-check", None, ("tofu-smoke",)),
          "smoke": ("smoke", None, ("smoke 04", "smoke 06"))}
 

@@ -221,3 +221,28 @@ def test_continue_runs_start_every_arm_at_one_state_and_pad_only_the_regularised
     with pytest.raises(TypeError, match="regularisers"):
         continue_runs(model, tokenizer, FORGET, RETAIN, start, arms, evaluate=adapter_state, steps=1, regularisers=[],
                       **common)
+
+
+def test_continue_runs_an_arm_may_drop_the_objective_and_keep_the_entropy_term_alone(tiny):
+    model, tokenizer = fresh(tiny)
+    common = dict(method="ga", learning_rate=1e-2, batch_size=2, seed=3, progress=False)
+    unlearn(model, tokenizer, FORGET, RETAIN, steps=2, keep_checkpoints=False, **common)
+    start = adapter_state(model)
+    term = entropy_regulariser(1.0, -0.25, "all")
+    arms = {"continued": [], "+ entropy": [term], "entropy only": {"regularisers": [term], "method": "none"}}
+    ended = continue_runs(model, tokenizer, FORGET, RETAIN, start, arms, evaluate=adapter_state, steps=2, pad_to=64,
+                          **common)
+    alone, added = ended["entropy only"]["log"], ended["+ entropy"]["log"]
+    assert all("forget" not in row and {"entropy_forget", "entropy_retain"} <= set(row) for row in alone)
+    assert all({"forget", "entropy_forget"} <= set(row) for row in added)
+    assert alone[0]["loss"] == pytest.approx(alone[0]["entropy_forget"] + alone[0]["entropy_retain"])
+    # the term alone moves the weights, and elsewhere than the objective with it
+    moved = ended["entropy only"]["result"]
+    assert not all(torch.allclose(v, start[k]) for k, v in moved.items())
+    assert not all(torch.allclose(v, ended["+ entropy"]["result"][k]) for k, v in moved.items())
+    assert all(torch.equal(v, start[k]) for k, v in adapter_state(model).items())
+    with pytest.raises(ValueError, match="unknown keys"):
+        continue_runs(model, tokenizer, FORGET, RETAIN, start, {"x": {"regularisers": [], "lr": 1}},
+                      evaluate=adapter_state, steps=1, **common)
+    with pytest.raises(ValueError, match="no loss of its own"):
+        unlearn(model, tokenizer, FORGET, RETAIN, steps=1, method="none", learning_rate=1e-2, batch_size=2, progress=False)

@@ -93,7 +93,9 @@ def test_04_dynamics_runs_and_figures(smoke_run, entropy_dir):
 def test_04_two_phase_arms_continue_from_plain_best_point_and_are_judged_against_the_control(smoke_run, entropy_dir):
     cells = pd.read_csv(entropy_dir / "two_phase_cells.csv")
     eo_arms = [f"+ entropy (λ_f = {w:g})" for w in SMOKE["TWO_PHASE_WEIGHTS"]]
-    assert SMOKE["TWO_PHASE_STEPS"] > 0 and sorted(set(cells["variant"])) == sorted(["start", "continued", *eo_arms])
+    alone = [f"entropy only (λ_f = {w:g})" for w in SMOKE["TWO_PHASE_WEIGHTS"]]
+    assert SMOKE["TWO_PHASE_KINDS"] == ["with_objective", "entropy_only"]  # both kinds exercised here
+    assert SMOKE["TWO_PHASE_STEPS"] > 0 and sorted(set(cells["variant"])) == sorted(["start", "continued", *eo_arms, *alone])
     sizes = cells.groupby(["variant", "split"]).size().unstack()
     seeds = len(SMOKE["UNLEARN_SEEDS"]) * len(SMOKE["ENTROPY_METHODS"])
     assert (sizes["forget"] == seeds * SMOKE["ENTROPY_QUESTIONS"]).all()
@@ -103,14 +105,17 @@ def test_04_two_phase_arms_continue_from_plain_best_point_and_are_judged_against
     baseline = regime[(regime["mode"] == "plain") & ~regime["entropy"]].set_index(["seed", "method", "split", "question"])
     start = cells[cells["variant"] == "start"].set_index(["seed", "method", "split", "question"])
     assert np.allclose(start["m_bin"], baseline.loc[start.index, "m_bin"])
-    # every + EO arm is judged against the continued control on the forget cells, never the start
+    # every + EO arm is judged against the continued control on the forget cells; the term alone against the start
     verdicts = pd.read_csv(entropy_dir / "two_phase_verdicts.csv")
-    assert set(verdicts["variant"]) <= set(eo_arms) and len(verdicts) >= 1
+    assert set(verdicts["variant"]) <= set(eo_arms) | set(alone) and len(verdicts) >= 1
+    assert (verdicts["against"] == verdicts["variant"].map(lambda v: "start" if v in alone else "continued")).all()
+    summary = json.loads((entropy_dir / "summary.json").read_text())["two_phase"]
+    assert summary["kinds"] == SMOKE["TWO_PHASE_KINDS"]
     assert (verdicts["cells"] == seeds * SMOKE["ENTROPY_QUESTIONS"]).all()
     assert set(verdicts["verdict"]) <= set(VERDICTS) | set(NOT_TESTED)
     headline = pd.read_csv(entropy_dir / "two_phase.csv")
     bar = json.loads((entropy_dir / "summary.json").read_text())["bar"]
-    assert len(headline) == len(SMOKE["ENTROPY_METHODS"]) * (2 + len(eo_arms))
+    assert len(headline) == len(SMOKE["ENTROPY_METHODS"]) * (2 + len(eo_arms) + len(alone))
     assert (headline["retain_above_bar"] == (headline["retain_greedy_rouge_l"] >= bar)).all()
     assert json.loads((entropy_dir / "summary.json").read_text())["two_phase"]["steps"] == SMOKE["TWO_PHASE_STEPS"]
     assert (smoke_run["results"] / "figures" / "04_two_phase.png").stat().st_size > 1000

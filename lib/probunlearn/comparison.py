@@ -117,16 +117,18 @@ def run_to_bar(model, tokenizer, forget_set, retain_set, *, bar: float, evaluate
     return run, best
 
 
-def continue_runs(model, tokenizer, forget_set, retain_set, start: Mapping, arms: Mapping[str, Sequence[Callable]], *,
-                  evaluate: Callable, steps: int, pad_to: int | None = None, **unlearn_args) -> dict:
+def continue_runs(model, tokenizer, forget_set, retain_set, start: Mapping, arms: Mapping[str, Sequence[Callable] | Mapping],
+                  *, evaluate: Callable, steps: int, pad_to: int | None = None, **unlearn_args) -> dict:
     """A second phase of unlearning (issue 24's two-phase run): from one state of the trained weights
     (`start`, an `adapter_state`, e.g. plain GA at its best point above the utility bar), each arm
     continues for the same `steps` steps over the same batches (`unlearn_args` as `unlearning.unlearn`,
     its `seed` included; each arm gets a fresh optimiser) with its own `regularisers` (an empty list:
-    the plain objective, the control), and `evaluate(model)` measures where it ends. `pad_to` pads the
-    batches of the arms with regularisers only: the plain objectives average over answer tokens and do
-    not notice padding, so their arm runs unpadded (and faster) to the same step.
-    The model ends holding `start` again.
+    the plain objective, the control), and `evaluate(model)` measures where it ends. An arm may also be
+    a mapping {'regularisers': [...], 'method': ..., 'hparams': ...} that replaces the run's method
+    for that arm, e.g. method 'none' with an entropy regulariser: the term alone, without the
+    unlearning objective. `pad_to` pads the batches of the arms with regularisers only: the plain
+    objectives average over answer tokens and do not notice padding, so their arm runs unpadded (and
+    faster) to the same step. The model ends holding `start` again.
 
     Returns {arm: {'result': evaluate(model), 'seconds': training time, 'log': the run's step log}}."""
     for key in ("regularisers", "evaluate", "eval_every", "keep_checkpoints"):
@@ -134,10 +136,17 @@ def continue_runs(model, tokenizer, forget_set, retain_set, start: Mapping, arms
             raise TypeError(f"continue_runs sets {key!r} itself")
     ended = {}
     try:
-        for arm, regularisers in arms.items():
+        for arm, spec in arms.items():
+            spec = dict(spec) if isinstance(spec, Mapping) else {"regularisers": spec}
+            unknown = set(spec) - {"regularisers", "method", "hparams"}
+            if unknown:
+                raise ValueError(f"arm {arm!r}: unknown keys {sorted(unknown)} (regularisers, method, hparams)")
+            regularisers = list(spec.pop("regularisers", ()))
+            if "method" in spec and "hparams" not in spec:
+                spec["hparams"] = {}  # another method: its own defaults, not the run's method's
             load_adapter_state(model, start)
-            run = unlearn(model, tokenizer, forget_set, retain_set, steps=steps, regularisers=list(regularisers),
-                          pad_to=pad_to if regularisers else None, keep_checkpoints=False, **unlearn_args)
+            run = unlearn(model, tokenizer, forget_set, retain_set, steps=steps, regularisers=regularisers,
+                          pad_to=pad_to if regularisers else None, keep_checkpoints=False, **{**unlearn_args, **spec})
             ended[arm] = {"result": evaluate(model), "seconds": run.seconds, "log": run.log}
     finally:
         load_adapter_state(model, start)

@@ -275,6 +275,14 @@ def ga_temp(out: StepOutputs, temperature: float = 2.0) -> dict:
     return {"forget": -out.nll("forget", temperature=temperature)}
 
 
+@register("none", parts=True)
+def none(out: StepOutputs) -> dict:
+    """No unlearning term: only the run's `regularisers` act (notebook 04's "entropy only" arm of the
+    two-phase run: the entropy term alone from a model that greedy already calls forgotten).
+    `unlearn` refuses it without a regulariser, which would leave nothing to minimise."""
+    return {}
+
+
 def entropy_regulariser(forget_weight: float = 1.0, retain_weight: float = -0.25, positions: str = "answer") -> Callable:
     """[P1] entropy optimisation as a regulariser for any objective (`unlearn(..., regularisers=
     [entropy_regulariser()])`): adds λ_f·H̄_θ(D_f) + λ_r·H̄_θ(D_r) (`answer_entropy`). Defaults

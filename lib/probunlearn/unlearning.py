@@ -294,6 +294,8 @@ def unlearn(model, tokenizer, forget_set, retain_set, *, method: str, steps: int
     """
     objective = method_objective(method)
     hparams = check_hparams(method, dict(hparams or {}))
+    if method == "none" and not regularisers:
+        raise ValueError("method 'none' has no loss of its own: give it regularisers (e.g. objectives.entropy_regulariser)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     params = [p for p in model.parameters() if p.requires_grad]
