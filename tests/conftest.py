@@ -34,6 +34,32 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.notebooks)
     items.sort(key=lambda item: item.get_closest_marker("notebooks") is not None)  # stable: file order within
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-model tests: one torch thread avoids thread start-up and contention costs on
+    a busy 2-core machine (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama ("the target", tests/tiny_lm.py), in memory and saved like a model directory:
+    the model of the tests of unlearning, its objectives, control and evaluation."""
+    from tiny_lm import tiny_model, tiny_tokenizer
+
+    tokenizer, model = tiny_tokenizer(), tiny_model()
+    path = tmp_path_factory.mktemp("tiny_target")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"model": model, "tokenizer": tokenizer, "path": path}
+
+
 # The notebook runs of both profiles, two processes at a time with one thread per kernel: on 2 cores two
 # single-threaded runs of these small workloads finish sooner than one after the other. The other tests
 # run beside them, in one thread too (`pytest_collection_finish`): on the AVX2 stand-in they had left a
