@@ -25,14 +25,12 @@ TOFU_FIXTURES = ROOT.parent / "shared" / "fixtures" / "tofu"
 
 def pytest_collection_modifyitems(items):
     """Every test that reads the papermill runs of the notebooks carries the `notebooks` marker, so that
-    `make test-fast` (`pytest -m "not notebooks"`) leaves them out; they run last, so that the other
-    tests run while the notebooks do (`pytest_collection_finish` starts them)."""
+    `make test-fast` (`pytest -m "not notebooks"`) leaves them out."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         runs = [v for v in params.values() if isinstance(v, str) and v in ("smoke_run", "tofu_smoke_run")]
         if "_profile_runs" in getattr(item, "fixturenames", ()) or runs:  # the latter via request.getfixturevalue
             item.add_marker(pytest.mark.notebooks)
-    items.sort(key=lambda item: item.get_closest_marker("notebooks") is not None)  # stable: file order within
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +59,7 @@ def tiny(tmp_path_factory):
 
 
 # The notebook runs of both profiles, two processes at a time with one thread per kernel: on 2 cores two
-# single-threaded runs of these small workloads finish sooner than one after the other. The other tests
-# run beside them, in one thread too (`pytest_collection_finish`): on the AVX2 stand-in they had left a
-# core idle for ~150 s after the notebooks, and a third single-threaded process costs the notebooks less.
+# single-threaded runs of these small workloads finish sooner than one after the other.
 RUN_PROFILES = ("smoke", "tofu-smoke")
 # The smoke run starts with notebook 05 alone in its empty results folder (as a Colab badge opens it):
 # it builds notebooks 01-03's results itself (`reproduce.ensure_inputs`). Then its 04 and 06 (they read
@@ -86,105 +82,59 @@ STEPS = {"smoke 05": ("smoke", [LONE_NOTEBOOK["smoke"]], ()),
          "smoke": ("smoke", None, ("smoke 04", "smoke 06"))}
 
 
-class NotebookRuns:
-    """Every notebook in order on each of `RUN_PROFILES`, with the engine of `make reproduce`
-    (`python -m probunlearn.reproduce`, temporary results and figures folders), as `STEPS` schedule
-    them, two at a time, in a background thread: the tests that do not read them run meanwhile (on 2
-    cores a third process costs the notebooks less than the idle core that the tests alone leave).
-    `wait()` returns {profile: {'results', 'figures', 'executed', 'seconds', 'log'}}, and
-    {'gpu-check': {'log'}}: the GPU check's notebooks check, dry-run; a failed run fails the test
-    that waits, with its log."""
+@pytest.fixture(scope="session")
+def _profile_runs(tmp_path_factory):
+    """Execute every notebook in order on each of `RUN_PROFILES`, with the engine of `make reproduce`
+    (`python -m probunlearn.reproduce`, temporary results and figures folders), as `STEPS` above
+    schedule them, two at a time; returns {profile: {'results', 'figures', 'executed', 'seconds',
+    'log'}}, and {'gpu-check': {'log'}}: the GPU check's notebooks check, dry-run."""
+    import subprocess
+    import sys
+    import time
 
-    def __init__(self, tmp_path_factory):
-        import threading
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    outs = {profile: tmp_path_factory.mktemp(profile) for profile in (*RUN_PROFILES, "gpu-check")}
 
-        self.outs = {profile: tmp_path_factory.mktemp(profile) for profile in (*RUN_PROFILES, "gpu-check")}
-        self.running, self.error, self.stopped = {}, None, False
-        self.thread = threading.Thread(target=self._schedule, name="notebook runs", daemon=True)
-        self.thread.start()
-
-    def _start(self, profile, only):
-        import subprocess
-        import sys
-
-        out = self.outs[profile]
+    def start(profile, only):
+        out = outs[profile]
         command = [sys.executable, "-m", "probunlearn.reproduce", "--profile", profile, "--results-root",
                    str(out / "results"), "--figures-dir", str(out / "figures")] + (["--only", *only] if only else [])
         if profile == "gpu-check":
             command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
                        "--notebooks", GPU_CHECK_NOTEBOOKS, "--notebooks-only"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with (out / "reproduce.log").open("a") as log:  # the child keeps its own handle
             return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def _schedule(self):
-        import time
-
-        started, done = time.perf_counter(), set()
-        while len(done) < len(STEPS) and not self.stopped:
-            for name, (profile, only, after) in STEPS.items():
-                if name not in self.running and name not in done and len(self.running) < 2 and set(after) <= done:
-                    self.running[name] = self._start(profile, only)
-            time.sleep(0.5)
-            for name, process in list(self.running.items()):
-                if process.poll() is None:
-                    continue
-                del self.running[name]
-                if process.returncode:
-                    self.stop()
-                    log = self.outs[STEPS[name][0]] / "reproduce.log"
-                    self.error = f"the {name} notebooks failed (log: {log}):\n{log.read_text()[-6000:]}"
-                    return
-                done.add(name)
-        self.seconds = time.perf_counter() - started
-
-    def stop(self):
-        self.stopped = True
-        for process in list(self.running.values()):
-            process.kill()
-
-    def wait(self) -> dict:
-        self.thread.join()
-        if self.error or self.stopped:
-            pytest.fail(self.error or "the notebook runs were stopped", pytrace=False)
-        results = {}
-        for profile, out in self.outs.items():
-            executed = out / "results" / profile / "executed"
-            notebooks = sorted(executed.glob("*.ipynb"))
-            seconds = {nb.stem: json.loads((executed / f"{nb.stem}.done.json").read_text())["seconds"]
-                       for nb in notebooks}
-            print(f"{profile}: notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
-            results[profile] = {"results": out / "results" / profile, "figures": out / "figures",
-                                "executed": {nb.stem: nb for nb in notebooks}, "seconds": seconds,
-                                "log": out / "reproduce.log"}
-        results["gpu-check"] = {"log": self.outs["gpu-check"] / "reproduce.log"}
-        print(f"notebooks of {', '.join(RUN_PROFILES)} and the GPU check's: {self.seconds:.0f} s, two runs at a time")
-        return results
-
-
-_RUNS: dict[str, NotebookRuns] = {}
-
-
-def pytest_collection_finish(session):
-    """Start the notebook runs as soon as the selected tests are known to read them."""
-    if not session.config.option.collectonly and any(item.get_closest_marker("notebooks") for item in session.items):
-        import torch
-
-        torch.set_num_threads(1)  # beside two notebook processes on 2 cores: no thread waits for a busy core
-        _RUNS["runs"] = NotebookRuns(session.config._tmp_path_factory)
-
-
-def pytest_sessionfinish(session):
-    if "runs" in _RUNS:
-        _RUNS.pop("runs").stop()  # an interrupted session leaves no notebook running
-
-
-@pytest.fixture(scope="session")
-def _profile_runs(tmp_path_factory):
-    """The notebook runs (`NotebookRuns`), started when collection finished, waited for here."""
-    if "runs" not in _RUNS:
-        _RUNS["runs"] = NotebookRuns(tmp_path_factory)
-    return _RUNS["runs"].wait()
+    running, done = {}, set()
+    while len(done) < len(STEPS):
+        for name, (profile, only, after) in STEPS.items():
+            if name not in running and name not in done and len(running) < 2 and set(after) <= done:
+                running[name] = start(profile, only)
+        time.sleep(0.5)
+        for name, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            if process.returncode:
+                for other in running.values():
+                    other.kill()
+                log = outs[STEPS[name][0]] / "reproduce.log"
+                pytest.fail(f"the {name} notebooks failed (log: {log}):\n{log.read_text()[-6000:]}", pytrace=False)
+            done.add(name)
+    results = {}
+    for profile, out in outs.items():
+        executed = out / "results" / profile / "executed"
+        notebooks = sorted(executed.glob("*.ipynb"))
+        seconds = {nb.stem: json.loads((executed / f"{nb.stem}.done.json").read_text())["seconds"] for nb in notebooks}
+        print(f"{profile}: notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
+        results[profile] = {"results": out / "results" / profile, "figures": out / "figures",
+                            "executed": {nb.stem: nb for nb in notebooks}, "seconds": seconds,
+                            "log": out / "reproduce.log"}
+    results["gpu-check"] = {"log": outs["gpu-check"] / "reproduce.log"}
+    print(f"notebooks of {', '.join(RUN_PROFILES)} and the GPU check's: {time.perf_counter() - started:.0f} s, "
+          "two runs at a time")
+    return results
 
 
 @pytest.fixture(scope="session")
