@@ -57,8 +57,12 @@ $(VENV)/.setup-done: pyproject.toml requirements.lock
 	$(call install,$(VENV),requirements.lock)
 	touch $@
 
+# In two parts: the tests that do not read the notebooks' runs, on two pytest-xdist workers of one
+# thread each (alone they left a core idle for ~2.5 min); then the notebook runs (two processes at a
+# time, tests/conftest.py) and the tests that read them.
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -m "not notebooks" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m notebooks
 
 # Everything but the tests that read the notebooks' papermill runs (marker `notebooks`): a few minutes.
 test-fast: setup

@@ -70,11 +70,16 @@ def embedded_model_dir() -> Path:
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # one per process: two may convert at once
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
+    try:
+        tmp.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
+    except OSError:  # another process renamed its conversion there first: the same files
+        if not (target / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
