@@ -10,7 +10,8 @@ over seeds, with intervals and paired verdicts (SPEC §2, §6.2; notebook 04).
   the utility bar, keeping its best point above the bar (the model the regime test samples);
   `best_above_bar(trace)` finds that point in a saved trace;
 - `continue_runs(model, ...)`: a second phase from one such point: the plain objective (the control)
-  and each variant (e.g. + EO at several λ_f, padded as [P1]'s code pads) for the same steps;
+  and each variant (e.g. + EO at several λ_f, padded as [P1]'s code pads, or the term alone under the
+  objective `none`) for the same steps;
 - `reading_cells(evaluated)`: the per-question cells of a model sampled plainly and under each
   reading of adaptive temperature (`temperature.evaluate_adaptive`), for `stats`;
 - `variant_table(cells)`: per method, condition and variant, the means with 95 % intervals;
