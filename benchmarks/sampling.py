@@ -21,12 +21,17 @@ sharing, bookkeeping, Python). Decoding steps compute attention with `attention.
 (matrix products, grouped query heads packed) by default; `--attention sdpa` times PyTorch's fused
 kernel for them instead (as before 2026-12-04), `--attention eager` transformers' eager attention.
 
+With `--adapter` the model carries a LoRA adapter beside its weights, as the unlearned models that
+notebooks 04-06 sample do (the FLOPs of the floor stay those of the weights); `--lora-forward peft`
+times peft's own LoRA forward instead of the sampler's lean one (`models.lean_lora`).
+
 With `--backend vllm` (run it with the vLLM environment's python, `make vllm`: .venv-vllm/bin/python)
 the same workload goes through `vllm_backend.VLLMSampler` instead of ours; its engine start is timed apart.
 
 Run: python benchmarks/sampling.py [--questions 8] [--samples 64] [--max-new-tokens 48]
      [--temperature 1.0] [--top-p 1.0] [--batch-size N] [--repeats 1] [--threads N] [--dtype D]
      [--skip-reference] [--backend ours|vllm] [--profile] [--attention ours|sdpa|eager]
+     [--adapter [--lora-forward lean|peft]]
 Prints both wall times, the ratio (goal: ours >= 5x faster on a 2-core CPU) and, as a check that the
 fast run samples the same distribution, the mean answer length of both.
 """
@@ -49,6 +54,21 @@ from probunlearn.models import encode_prompt, load_model
 from probunlearn.sampling import sample_token_ids
 
 SEED = 0  # data and sampling seed
+
+
+def with_random_adapter(model, top_layers: int = 15):
+    """`model` with an unlearning-sized LoRA adapter beside its weights (rank 8, alpha 16, the top 15 blocks,
+    as the cpu profile's unlearned models) whose update is random and nonzero."""
+    from probunlearn.models import add_lora
+
+    torch.manual_seed(SEED)  # lora_A's initialisation: the same adapter in every run
+    model = add_lora(model, r=8, lora_alpha=16, top_layers=top_layers).eval()
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.01)
+    return model
 
 
 def workload(num_questions: int) -> list[str]:
@@ -152,6 +172,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="one more run of ours, profiled: where its time goes")
     parser.add_argument("--attention", choices=["ours", "sdpa", "eager"], default="ours",
                         help="attention of ours in decoding steps (default: attention.decode_attention)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="sample a model with a LoRA adapter beside its weights, as notebooks 04-06 sample the "
+                             "unlearned models (rank 8 on the top 15 blocks, a random nonzero update)")
+    parser.add_argument("--lora-forward", choices=["lean", "peft"], default="lean",
+                        help="with --adapter: the sampler's lean LoRA forward (models.lean_lora) or peft's own")
     parser.add_argument("--loop", choices=["auto", "prefix", "static"], default="auto",
                         help="decoding loop of ours (sampling.LOOPS; auto: prefix on a CPU, static on a GPU)")
     args = parser.parse_args()
@@ -166,7 +191,11 @@ def main() -> None:
         model.set_attn_implementation("eager")
     if args.attention != "ours":  # the model's own attention in decoding steps too
         sampling.decoding_attention = contextlib.nullcontext
-    dtype, params = model.dtype, sum(p.numel() for p in model.parameters())
+    if args.adapter:
+        model = with_random_adapter(model)
+        if args.lora_forward == "peft":
+            sampling.lean_lora = contextlib.nullcontext
+    dtype, params = model.dtype, sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     name = str(dtype).removeprefix("torch.")
     if args.backend == "vllm":
         from probunlearn.models import embedded_model_dir

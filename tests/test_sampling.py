@@ -421,3 +421,36 @@ def test_loop_is_checked(model, tokenizer):
     with pytest.raises(ValueError, match="step observer"):
         sampling.sample_token_ids(model, tokenizer, QUESTIONS, num_samples=2, max_new_tokens=2, loop="static",
                                   step_observer=lambda *a: None, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_lora_computes_peft_s_numbers_bit_for_bit_and_the_sampler_decodes_in_it(tokenizer, dtype, monkeypatch):
+    import contextlib
+    import copy
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from probunlearn.models import add_lora, lean_lora
+    from tiny_unlearning import perturb_adapter
+
+    peft_model = add_lora(copy.deepcopy(tiny_model()), r=4, lora_alpha=8).to(dtype).eval()
+    perturb_adapter(peft_model)  # a nonzero update: the adapter changes the logits
+    layers = [m for m in peft_model.modules() if type(m) is LoraLinear]
+    ids = torch.tensor([encode_prompt(tokenizer, q)[:6] for q in QUESTIONS])
+    with torch.no_grad():
+        plain = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            assert not torch.equal(peft_model(input_ids=ids).logits, plain)
+        with lean_lora(peft_model):
+            assert layers and all("forward" in vars(m) for m in layers)  # every LoRA layer runs lean
+            lean = peft_model(input_ids=ids).logits
+        assert not any("forward" in vars(m) for m in layers)  # peft's own forward again after the block
+    assert torch.equal(lean, plain)
+    sample = partial(sampling.sample_token_ids, peft_model, tokenizer, QUESTIONS, num_samples=6, max_new_tokens=8,
+                     seed=3, progress=False)
+    seen = []
+    monkeypatch.setattr(sampling, "lean_lora", lambda m: seen.append(m) or lean_lora(m))
+    fast = sample()
+    assert seen  # the sampler decoded inside it
+    monkeypatch.setattr(sampling, "lean_lora", lambda m: contextlib.nullcontext(m))
+    assert sample() == fast  # and drew the same answers as with peft's forward

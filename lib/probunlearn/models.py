@@ -532,6 +532,55 @@ def full_precision(model):
             _set_dtype(module, kind, name, dtype)
 
 
+@contextlib.contextmanager
+def lean_lora(model):
+    """Inside the block, every plain LoRA linear layer of a peft model (one active adapter, not merged,
+    not disabled, no DoRA or other variant) computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`
+    directly: the operations of peft's `lora.Linear.forward`, in its order and dtypes, so the same
+    numbers bit for bit (tested), without its per-call bookkeeping (argument checks, the adapter loop,
+    a cast that changes nothing). Decoding calls each of these layers once per block and step, so with
+    the adapter beside the weights (an unlearned model as trained) that bookkeeping is paid ~100 times
+    per step. Other layers, and calls with extra arguments, keep peft's forward. The sampler decodes
+    inside it (`sampling._run`)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        yield model
+        return
+    patched = []
+    for module in model.modules():
+        if type(module) is not LoraLinear or module.merged or module.disable_adapters:
+            continue
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if len(active) != 1 or active[0] in module.lora_variant:
+            continue
+        patched.append(module)
+        module.forward = _lean_lora_forward(module, active[0])
+    try:
+        yield model
+    finally:
+        for module in patched:
+            del module.forward  # the class's forward again
+
+
+def _lean_lora_forward(module, name: str):
+    base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
+    dropout, scaling, peft_forward = module.lora_dropout[name], module.scaling[name], type(module).forward
+    no_dropout = isinstance(dropout, torch.nn.Identity)
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs:
+            return peft_forward(module, x, *args, **kwargs)
+        result = base(x)
+        dtype = result.dtype
+        if module.cast_input_dtype_enabled and x.dtype != lora_a.weight.dtype:
+            x = x.to(lora_a.weight.dtype)
+        result = result + lora_b(lora_a(x if no_dropout else dropout(x))) * scaling
+        return result if result.dtype == dtype else result.to(dtype)
+
+    return forward
+
+
 def full_precision_changes(model) -> bool:
     """Whether `full_precision(model)` computes anything differently: the model has bfloat16 or
     float16 weights and is not quantised."""

@@ -67,7 +67,7 @@ from probunlearn.attention import NAME as DECODE_ATTENTION
 from probunlearn.attention import decoding_attention
 from probunlearn.hardware import model_device, reuse_freed_memory
 from probunlearn.kv_cache import SharedPrompt, cache_argument, kv_cache
-from probunlearn.models import encode_prompt, full_precision, full_precision_changes
+from probunlearn.models import encode_prompt, full_precision, full_precision_changes, lean_lora
 from probunlearn.processors import DecodingStep, LogitsProcessor, StepObserver, row_aware
 from probunlearn.utils import renamed_arguments
 
@@ -426,7 +426,7 @@ def _run(model, tokenizer, questions: list[str], rows: list[tuple[int, int]], *,
         before = bar.n
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       logits_processors=logits_processors, eos_ids=eos_ids, on_step=on_step)
-        with decoding_attention(model):
+        with decoding_attention(model), lean_lora(model):
             if static:
                 ids = _decode_static(model, tokenizer, [prompts[i] for i in distinct], [local[i] for i, _ in chunk],
                                      keys, greedy_rows, **common)
