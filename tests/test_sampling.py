@@ -433,9 +433,11 @@ def test_lean_lora_computes_peft_s_numbers_bit_for_bit_and_the_sampler_decodes_i
     from probunlearn.models import add_lora, lean_lora
     from tiny_unlearning import perturb_adapter
 
-    peft_model = add_lora(copy.deepcopy(tiny_model()), r=4, lora_alpha=8).to(dtype).eval()
+    peft_model = add_lora(copy.deepcopy(tiny_model()).to(dtype), r=4, lora_alpha=8).eval()
     perturb_adapter(peft_model)  # a nonzero update: the adapter changes the logits
     layers = [m for m in peft_model.modules() if type(m) is LoraLinear]
+    # peft keeps the adapter in float32 beside bfloat16 weights: the lean forward casts as peft's does
+    assert {m.lora_A["default"].weight.dtype for m in layers} == {torch.float32}
     ids = torch.tensor([encode_prompt(tokenizer, q)[:6] for q in QUESTIONS])
     with torch.no_grad():
         plain = peft_model(input_ids=ids).logits

@@ -244,7 +244,7 @@ FINISHED = {"01": "data/stats.json", "02": ARTEFACTS["finetune_summary"], "03": 
 # that day), cpu from `make reproduce` of 2026-12-06 (notebook 02 with its training). An AVX2-only CPU takes longer (notebook 03: 19.8 min
 # on the AVX2 stand-in even at the slow-CPU sizes); the paper profile has no measured times (no GPU has run it).
 EXPECTED_MINUTES = {
-    "smoke": {"01": 0.2, "02": 1.9, "03": 2.1, "04": 2.8, "05": 1.5, "06": 1.1, "07": 0.3},
+    "smoke": {"01": 0.2, "02": 1.1, "03": 1.3, "04": 2.3, "05": 1.3, "06": 0.8, "07": 0.3},
     "cpu": {"01": 0.2, "02": 6.6, "03": 15.3, "04": 13.7, "05": 20.3, "06": 6.4, "07": 0.3},
 }
 DRIVE_FOLDER = Path("/content/drive/MyDrive/probunlearn")  # results/ and figures/ on a mounted Google Drive
