@@ -50,7 +50,7 @@ def test_evaluate_unlearning_gives_a_table_row(tiny):
     assert row["forget_quality"] == 1.0  # the same model against itself: identical truth ratios
 
 
-def test_evaluate_greedy_decodes_the_splits_together_as_each_alone_and_caps_the_utility_split(tiny):
+def test_evaluate_greedy_scores_each_split_alone_and_caps_the_utility_split(tiny):
     from probunlearn.evaluation import choice_accuracy, evaluate_greedy, greedy_scores
 
     model, tokenizer = fresh(tiny)
@@ -60,8 +60,8 @@ def test_evaluate_greedy_decodes_the_splits_together_as_each_alone_and_caps_the_
     summary, tables = evaluate_greedy(model, tokenizer, splits, max_new_tokens=4, batch_size=3, max_questions=4,
                                       utility_max_questions=2)
     assert set(tables) == {"forget", "retain"} and len(tables["retain"]) == 4  # capped; utility is not decoded
-    for name in tables:  # one pass over both splits: the answers of one pass per split
-        alone = greedy_scores(model, tokenizer, splits[name].select(range(len(tables[name]))), max_new_tokens=4, batch_size=2)
+    for name in tables:
+        alone = greedy_scores(model, tokenizer, splits[name].select(range(len(tables[name]))), max_new_tokens=4, batch_size=3)
         assert list(tables[name]["generated"]) == list(alone["generated"])
         assert summary[f"{name}_rouge_l_recall"] == pytest.approx(alone["rouge_l_recall"].mean())
     assert summary["utility_accuracy"] == choice_accuracy(model, tokenizer, splits["utility"].select(range(2)))

@@ -44,10 +44,15 @@ def test_lora_steps_lower_the_loss_and_adapter_round_trips(tmp_path):
 def test_finetune_saves_and_reuses_only_with_the_same_settings(tmp_path, capsys):
     data = fictitious_authors(1, qa_per_author=2, seed=5)
     settings = dict(epochs=1, learning_rate=1e-3, batch_size=2, lora_r=4, lora_alpha=8, progress=False)
-    _, _, log = finetune(data, tmp_path / "ft", **settings)
+    trained, tokenizer, log = finetune(data, tmp_path / "ft", **settings)
     assert len(log) == 1 and (tmp_path / "ft" / "adapter_config.json").exists()
-    _, _, again = finetune(data, tmp_path / "ft", **settings)
+    reused, _, again = finetune(data, tmp_path / "ft", **settings)
     assert "reusing" in capsys.readouterr().out and again == log
+    # trained now or reused, the same model: the one later notebooks load (the adapter merged into its base)
+    batch = tokenizer(list(data["question"]), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert type(trained) is type(reused) and not hasattr(trained, "peft_config")
+        assert torch.equal(trained(**batch).logits, reused(**batch).logits)
     _, _, other = finetune(data, tmp_path / "ft", **{**settings, "epochs": 2})  # other settings: train anew
     assert len(other) == 2
     _, _, other_data = finetune(fictitious_authors(1, qa_per_author=2, seed=6), tmp_path / "ft", **{**settings, "epochs": 2})

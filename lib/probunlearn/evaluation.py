@@ -72,13 +72,15 @@ def evaluate_greedy(model, tokenizer, splits: dict, *, max_new_tokens: int = 48,
     """Greedy scores on every split but the utility split, and multiple-choice accuracy on the utility
     split (a likelihood comparison: cheap, and what a 135M model can be judged on). `max_questions`
     caps the greedy splits, `utility_max_questions` the utility split (the first ones; None: all).
-    The greedy splits are decoded in one pass (`greedy_tables`: the same answers as one pass per
-    split, since greedy decoding runs in float32). Returns `(summary, per_question_tables)`; summary
-    keys look like `forget_rouge_l_recall`, `utility_accuracy`."""
-    greedy = {name: cap(dataset, max_questions) for name, dataset in splits.items() if name != utility_split}
-    tables = greedy_tables(model, tokenizer, greedy, max_new_tokens=max_new_tokens, batch_size=batch_size) if greedy else {}
-    summary = {}
-    for name, table in tables.items():
+    Each greedy split is decoded in a pass of its own. Returns `(summary, per_question_tables)`;
+    summary keys look like `forget_rouge_l_recall`, `utility_accuracy`."""
+    summary, tables = {}, {}
+    for name, dataset in splits.items():
+        if name == utility_split:
+            continue
+        table = greedy_scores(model, tokenizer, cap(dataset, max_questions), max_new_tokens=max_new_tokens,
+                              batch_size=batch_size)
+        tables[name] = table
         summary |= split_summary(name, table)
     if utility_split in splits:
         summary[f"{utility_split}_accuracy"] = choice_accuracy(model, tokenizer, cap(splits[utility_split], utility_max_questions),

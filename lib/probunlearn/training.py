@@ -116,6 +116,13 @@ def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m",
     With `reuse=True`, an adapter already in `out_dir` that was trained with the same settings on
     the same data (see `data_fingerprint`) is loaded instead of trained again, so a re-run
     notebook resumes where it stopped.
+
+    The model returned is `load_model(out_dir)`'s, trained now or reused: the model as every later
+    notebook loads it (an adapter on a plain model merged into its base), so notebook 02 scores the
+    same model either way. (Until 2026-12-06 a model trained now was returned with its adapter beside
+    the weights: on the cpu profile that in-memory model and its merged copy gave different greedy
+    answers to 4 of the 64 forget questions of the retain and partial models, and the partial
+    control's greedy keyword hit read 0.47 after training against 0.44 when reused.)
     """
     settings = {"base": str(base), "quantization": quantization, "epochs": epochs, "learning_rate": learning_rate,
                 "batch_size": batch_size, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_top_layers": lora_top_layers,
@@ -135,4 +142,6 @@ def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m",
                      seed=seed, max_length=max_length, progress=progress, desc=desc)
     save_adapter(model, out_dir, base=base, extra={"settings": settings, "num_examples": len(dataset)})
     save_json(log, out_dir / "train_log.json")
+    del model
+    model, tokenizer = load_model(out_dir, quantization=quantization)  # as reused, and as later notebooks load it
     return model, tokenizer, log
