@@ -129,19 +129,19 @@ def finetune(dataset, out_dir: str | os.PathLike, *, base: str = "smollm2-135m",
                 "seed": seed, "max_length": max_length, "prompt": format_prompt(load_tokenizer(base), "{question}"),
                 "data": data_fingerprint(dataset)}
     out_dir = Path(out_dir)
-    if reuse and (out_dir / META_FILE).exists() and (out_dir / "train_log.json").exists():
-        if load_json(out_dir / META_FILE).get("settings") == settings:
-            print(f"{desc}: reusing {out_dir} (trained earlier with the same settings and data)")
-            model, tokenizer = load_model(out_dir, quantization=quantization)
-            return model, tokenizer, load_json(out_dir / "train_log.json")
-    set_seed(seed)
-    model, tokenizer = load_model(base, quantization=quantization)
-    model = add_lora(model, r=lora_r, lora_alpha=lora_alpha, top_layers=lora_top_layers,
-                     gradient_checkpointing=model_device(model).type == "cuda")  # memory, where it is short
-    log = train_lora(model, tokenizer, dataset, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                     seed=seed, max_length=max_length, progress=progress, desc=desc)
-    save_adapter(model, out_dir, base=base, extra={"settings": settings, "num_examples": len(dataset)})
-    save_json(log, out_dir / "train_log.json")
-    del model
-    model, tokenizer = load_model(out_dir, quantization=quantization)  # as reused, and as later notebooks load it
+    if (reuse and (out_dir / META_FILE).exists() and (out_dir / "train_log.json").exists()
+            and load_json(out_dir / META_FILE).get("settings") == settings):
+        print(f"{desc}: reusing {out_dir} (trained earlier with the same settings and data)")
+        log = load_json(out_dir / "train_log.json")
+    else:
+        set_seed(seed)
+        model, tokenizer = load_model(base, quantization=quantization)
+        model = add_lora(model, r=lora_r, lora_alpha=lora_alpha, top_layers=lora_top_layers,
+                         gradient_checkpointing=model_device(model).type == "cuda")  # memory, where it is short
+        log = train_lora(model, tokenizer, dataset, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                         seed=seed, max_length=max_length, progress=progress, desc=desc)
+        save_adapter(model, out_dir, base=base, extra={"settings": settings, "num_examples": len(dataset)})
+        save_json(log, out_dir / "train_log.json")
+        del model
+    model, tokenizer = load_model(out_dir, quantization=quantization)  # trained now or reused: as later notebooks load it
     return model, tokenizer, log
