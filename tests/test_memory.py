@@ -109,7 +109,7 @@ def test_the_paper_profile_fits_the_gpus_its_comments_name(model):
     """What profiles/paper.yaml says of GPU memory, as planned: notebook 03's largest unlearning step,
     batch 32 in parts of UNLEARN_MICRO_BATCH 8, fits 24 GB and a T4's 15 GB, which the whole batch at
     once does not; sampling and relearning fit both; notebook 04's full fine-tuning needs more than 24
-    GB and fits 40."""
+    GB and fits 40, and with `DYNAMICS_TUNING: lora` (notebook 03's QLoRA adapter) fits 24 GB."""
     settings = load_profile("paper")
     assert settings["UNLEARN_BATCH_SIZE"] == 32 and settings["UNLEARN_MICRO_BATCH"] == 8
     shape = memory.Shape.of(memory.paper_configs()[model], model)
@@ -123,5 +123,8 @@ def test_the_paper_profile_fits_the_gpus_its_comments_name(model):
         assert "in parts of 8" in step.what and step.fits(budget_gb)
         assert sampling.fits(budget_gb) and relearning.fits(budget_gb)
         assert not full.fits(24) and full.fits(40)
+        lora = memory.profile_plans({**settings, "DYNAMICS_TUNING": "lora"}, shape, budget_gb=budget_gb, dtype=dtype,
+                                    gradient_checkpointing=True)[1]
+        assert lora.what.startswith("04 LoRA step") and lora.fits(24) and lora.total < full.total / 2
         assert not plans(budget_gb, dtype, micro=None)[0].fits(15)  # at once: past a T4
         assert plans(budget_gb, dtype, micro=None)[0].total > 2 * step.total

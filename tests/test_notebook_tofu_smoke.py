@@ -13,7 +13,7 @@ TOFU_SMOKE = load_profile("tofu-smoke")
 PAPER = load_profile("paper")
 # settings that are not sizes: the paper profile's code paths, the same here
 CODE_PATHS = ("QUANTIZATION", "DATA_SOURCE", "TEMPERATURE", "TOP_P", "ALPHA", "LEAK_TAU", "RHO", "BAR_METRIC",
-              "NPO_BETA", "ENTROPY_POSITIONS", "ATTACK_QUANTIZATIONS")
+              "NPO_BETA", "ENTROPY_POSITIONS", "DYNAMICS_TUNING", "ATTACK_QUANTIZATIONS")
 
 
 def test_tofu_smoke_is_the_paper_profile_at_smoke_sizes():
@@ -62,6 +62,8 @@ def test_03_to_07_ran_the_4bit_unlearning_evaluation_and_figures(tofu_smoke_run)
         assert table[column].dropna().between(0, 1).all() and table[column].notna().any(), column
     cells = pd.read_csv(results / "probabilistic" / "cells.csv")
     assert cells["m_bin"].between(0, 1).all() and len(cells) > 0
+    entropy = json.loads((results / "entropy" / "summary.json").read_text())
+    assert entropy["tuning"] == TOFU_SMOKE["DYNAMICS_TUNING"] == "full"  # the paper profile's recipe; LoRA runs on smoke
     attacks = json.loads((results / "attacks" / "summary.json").read_text())
     assert attacks["attacks"] == ["none", "relearned", *TOFU_SMOKE["ATTACK_QUANTIZATIONS"]]
     assert (tofu_smoke_run["figures"] / "headline_greedy_vs_sampled.png").stat().st_size > 1000

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from probunlearn.unlearning import (adapter_state, checkpoint_restored, mismatch_pairs, reset_adapter, start_full_unlearning,
-                                   unlearn)
+from probunlearn.unlearning import (adapter_state, checkpoint_restored, full_tuning_dtype, mismatch_pairs, reset_adapter,
+                                   start_full_unlearning, start_runs, unlearn)
 from tiny_unlearning import FORGET, RETAIN, forget_nll, fresh, perturb_adapter
 
 
@@ -162,6 +162,33 @@ def test_full_fine_tuning_with_a_frozen_reference_runs_npo_against_the_target(ti
     plain, _ = start_full_unlearning(tiny["path"])
     with pytest.raises(TypeError, match="attach_reference"):
         unlearn(plain, tokenizer, FORGET, RETAIN, method="npo", steps=1, learning_rate=1e-3, batch_size=2, progress=False)
+
+
+def test_start_runs_restarts_each_run_from_the_target_full_or_with_a_fresh_adapter_per_seed(tiny):
+    """Notebook 04's runs, by `DYNAMICS_TUNING`: full fine-tuning restarts from the target's weights
+    for every seed; LoRA restarts from a fresh adapter drawn from the run's seed (notebook 03's), so the
+    plain and + EO runs of one seed start alike and two seeds start apart."""
+    model, tokenizer, compute_dtype, restart = start_runs(tiny["path"], "full")
+    target = adapter_state(model)
+    assert compute_dtype == full_tuning_dtype(model) and len(target) == len(list(model.parameters()))
+    unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=1, learning_rate=1e-3, batch_size=2, progress=False)
+    assert any(not torch.equal(target[k], v) for k, v in adapter_state(model).items())
+    restart(5)
+    assert all(torch.equal(target[k], v) for k, v in adapter_state(model).items())
+
+    model, tokenizer, compute_dtype, restart = start_runs(tiny["path"], "lora", lora_r=4)
+    assert compute_dtype is None and all("lora_" in k for k in adapter_state(model))
+    restart(1)
+    first = adapter_state(model)
+    assert all((v == 0).all() for k, v in first.items() if "lora_B" in k)  # adds nothing: the target
+    unlearn(model, tokenizer, FORGET, RETAIN, method="ga", steps=1, learning_rate=1e-2, batch_size=2, progress=False)
+    assert any((v != 0).any() for k, v in adapter_state(model).items() if "lora_B" in k)
+    restart(1)
+    assert all(torch.equal(first[k], v) for k, v in adapter_state(model).items())
+    restart(2)
+    assert any(not torch.equal(first[k], v) for k, v in adapter_state(model).items() if "lora_A" in k)
+    with pytest.raises(ValueError, match="full, lora"):
+        start_runs(tiny["path"], "qlora")
 
 
 @pytest.mark.parametrize("method, positions", [(m, None) for m in ("ga", "gd", "ga_kl", "ga_mismatch", "npo", "ga_temp")]

@@ -232,10 +232,11 @@ def profile_plans(settings: dict, shape: Shape, *, sequence: int = 256, prompt: 
     """The peak memory of each kind of step a profile (`utils.load_profile`) runs on `shape`, with
     rows padded to `sequence` tokens of which up to the profile's longest answer are answer tokens:
     notebook 03's unlearning step (the method of `UNLEARN_METHODS` that needs the most), notebook
-    04's full fine-tuning, both in parts of `UNLEARN_MICRO_BATCH` forget rows where the profile sets
-    it (`unlearning.unlearn`'s micro_batch_size: one part's activations and logits), notebook 05's
-    sampling (the batch `sampling_rows` plans for `budget_gb`) and notebook 06's relearning step (a
-    LoRA on the float32 merge, in parts of `relearn_rows` rows: `attacks.RELEARN_MICRO_BATCH` on a GPU)."""
+    04's step (full fine-tuning, or LoRA where `DYNAMICS_TUNING` says so), both in parts of
+    `UNLEARN_MICRO_BATCH` forget rows where the profile sets it (`unlearning.unlearn`'s
+    micro_batch_size: one part's activations and logits), notebook 05's sampling (the batch
+    `sampling_rows` plans for `budget_gb`) and notebook 06's relearning step (a LoRA on the float32
+    merge, in parts of `relearn_rows` rows: `attacks.RELEARN_MICRO_BATCH` on a GPU)."""
     quantization = settings.get("QUANTIZATION")
     whole, answer = settings["UNLEARN_BATCH_SIZE"], min(settings["UNLEARN_MAX_NEW_TOKENS"], sequence)
     batch = min(whole, settings.get("UNLEARN_MICRO_BATCH") or whole)  # forget rows in memory at once
@@ -252,10 +253,12 @@ def profile_plans(settings: dict, shape: Shape, *, sequence: int = 256, prompt: 
                                         f"{', checkpointed' if gradient_checkpointing else ''})"))
     worst = max(plans, key=lambda p: p.total)
     pad = settings.get("ENTROPY_PAD_TO") or sequence  # the entropy term reads every position: logits of all
-    entropy = [training_plan(shape, tokens=2 * batch * pad, answer_tokens=2 * batch * pad, lora_r=None,
-                             quantization=None, dtype=dtype,
+    lora = settings.get("DYNAMICS_TUNING", "full") == "lora"  # notebook 03's adapter instead of every weight
+    entropy = [training_plan(shape, tokens=2 * batch * pad, answer_tokens=2 * batch * pad,
+                             lora_r=settings["UNLEARN_LORA_R"] if lora else None,
+                             quantization=quantization if lora else None, dtype=dtype,
                              gradient_checkpointing=gradient_checkpointing,
-                             what=f"04 full fine-tuning step ({in_parts}, forget + retain"
+                             what=f"04 {'LoRA' if lora else 'full fine-tuning'} step ({in_parts}, forget + retain"
                                   f"{', checkpointed' if gradient_checkpointing else ''})")]
     positions = prompt + settings["SAMPLE_MAX_NEW_TOKENS"]
     samples = settings["NUM_SAMPLES"] + 1

@@ -200,6 +200,38 @@ def full_tuning_dtype(model) -> torch.dtype | None:
     return fast if fast != next(model.parameters()).dtype else None
 
 
+TUNINGS = ("full", "lora")
+
+
+def start_runs(target, tuning: str = "full", *, quantization: str | None = None, lora_r: int = 8,
+               lora_top_layers: int | None = None, reference: bool = False, seed: int = 0):
+    """The model for a series of runs that each start from the target (notebook 04's dynamics), by
+    what they train: `tuning="full"`, every weight in float32 ([P1]'s recipe, `start_full_unlearning`,
+    `reference` its frozen copy of the target for NPO and KL); `"lora"`, notebook 03's adapter
+    (`start_unlearning`: rank `lora_r` on the last `lora_top_layers` blocks, with `quantization` the
+    QLoRA target as trained; NPO's and KL's reference is the model with the adapter switched off, so
+    `reference` is not needed).
+
+    Returns `(model, tokenizer, compute_dtype, restart)`: `compute_dtype` for `unlearn` (full: the
+    device's fast dtype, `full_tuning_dtype`; lora: None, as notebook 03 trains its adapters), and
+    `restart(seed)`, which puts the model back at a run's start: full, the target's weights (the same
+    for every seed); lora, a fresh adapter from `seed` (`reset_adapter`: as in notebook 03, the
+    adapter's initialisation is part of what a seed draws, the same for every run of that seed)."""
+    if tuning not in TUNINGS:
+        raise ValueError(f"tuning must be one of {', '.join(TUNINGS)}, got {tuning!r}")
+    if tuning == "full":
+        model, tokenizer = start_full_unlearning(target, reference=reference, seed=seed)
+        initial = adapter_state(model)  # every weight of the target
+
+        def restart(run_seed: int) -> None:
+            load_adapter_state(model, initial)
+
+        return model, tokenizer, full_tuning_dtype(model), restart
+    model, tokenizer = start_unlearning(target, quantization=quantization, lora_r=lora_r,
+                                        lora_top_layers=lora_top_layers, seed=seed)
+    return model, tokenizer, None, lambda run_seed: reset_adapter(model, run_seed)
+
+
 def reset_adapter(model, seed: int) -> None:
     """Initialise the model's LoRA adapter afresh, as peft does (lora_A random, lora_B zero: the
     adapter adds nothing), from `seed`: each seed of a multi-seed comparison starts from its own
