@@ -19,6 +19,11 @@ ifeq ($(CPU_AS),avx2-slow)
 export OMP_NUM_THREADS := 1
 endif
 
+# Python caches what it compiles (.pyc, in .venv and lib/): where PYTHONDONTWRITEBYTECODE is set (as on
+# our CI machines), every process would compile transformers, pandas, scipy... again, 3-5 s each, and
+# `make test` starts ~30 of them (14 notebook kernels, their launchers, pytest workers, subprocess tests).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup lock test test-fast test-latest reproduce lab exercises strip clean vllm test-vllm
 
 # The environment: torch, then the rest at exactly the versions of a lock file ($(call install,VENV,LOCK)).

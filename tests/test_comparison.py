@@ -194,6 +194,23 @@ def test_run_to_bar_stops_below_the_bar_and_keeps_its_best_point(tiny):
                    learning_rate=1e-2, batch_size=2)
 
 
+def test_run_to_bar_takes_the_first_row_it_is_given_and_may_keep_the_start(tiny):
+    model, tokenizer = fresh(tiny)
+    start = adapter_state(model)
+    calls = []
+
+    def evaluate(m):  # every evaluation after the start falls below the bar
+        calls.append(1)
+        return {"retain_rouge_l_recall": 0.5, "forget_m_bin": 0.0}
+
+    given = {"retain_rouge_l_recall": 1.0, "forget_m_bin": 0.8}
+    run, best = run_to_bar(model, tokenizer, FORGET, RETAIN, bar=0.9, evaluate=evaluate, initial_evaluation=given,
+                           method="ga", steps=6, learning_rate=1e-2, batch_size=2, eval_every=2, progress=False)
+    assert [r["step"] for r in run.trace] == [0, 2, 4] and len(calls) == 2  # step 0 read, not evaluated
+    assert run.trace[0] == {"step": 0, **given} and given == {"retain_rouge_l_recall": 1.0, "forget_m_bin": 0.8}
+    assert best["step"] == 0 and all(torch.equal(best["state"][k], v) for k, v in start.items())
+
+
 def test_continue_runs_start_every_arm_at_one_state_and_pad_only_the_regularised_ones(tiny):
     model, tokenizer = fresh(tiny)
     common = dict(method="ga", learning_rate=1e-2, batch_size=2, seed=3, progress=False)

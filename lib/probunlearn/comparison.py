@@ -84,21 +84,23 @@ def leakage_point(model, tokenizer, forget_set, retain_set, *, num_samples: int,
 
 def run_to_bar(model, tokenizer, forget_set, retain_set, *, bar: float, evaluate: Callable,
                bar_metric: str = "retain_rouge_l_recall", select: str = "forget_m_bin", stop_below: int = 2,
-               **unlearn_args) -> tuple[UnlearningRun, dict]:
+               initial_evaluation: Mapping | None = None, **unlearn_args) -> tuple[UnlearningRun, dict]:
     """An unlearning run (`unlearning.unlearn`, its other arguments in `unlearn_args`) followed past
     the utility bar and no further: `evaluate` runs before the first step and every `eval_every`
     steps, and the run stops once `stop_below` evaluations in a row fall below `bar` on `bar_metric`
     (a later step could not be a point above the bar that a control would keep, unless the run came
     back up). Meanwhile it keeps a copy of the trained weights at its best point above the bar: the
     evaluation with the lowest `select` among those meeting the bar (ties: the later one). With full
-    fine-tuning that copy is every weight, one model's worth of memory.
+    fine-tuning that copy is every weight, one model's worth of memory. `initial_evaluation`: the
+    row `evaluate` gives before the first step, when the caller has it already (every run of a
+    series that starts from the target with the same evaluation seed starts from the same row).
 
     Returns `(run, best)`: `best` = {'step', 'row' (that evaluation), 'state' (`adapter_state`)}."""
     best: dict = {}
     calls = {"n": 0}
 
     def observe(m):
-        row = evaluate(m)
+        row = dict(initial_evaluation) if calls["n"] == 0 and initial_evaluation is not None else evaluate(m)
         calls["n"] += 1
         if row[bar_metric] >= bar and (not best or row[select] <= best["row"][select]):
             best.update(index=calls["n"] - 1, row=row, state=adapter_state(m))
@@ -107,7 +109,7 @@ def run_to_bar(model, tokenizer, forget_set, retain_set, *, bar: float, evaluate
     def stop(trace):
         return len(trace) >= stop_below and all(r[bar_metric] < bar for r in trace[-stop_below:])
 
-    for key in ("evaluate", "initial_evaluation", "stop_when", "keep_checkpoints"):
+    for key in ("evaluate", "stop_when", "keep_checkpoints"):
         if key in unlearn_args:
             raise TypeError(f"run_to_bar sets {key!r} itself")
     run = unlearn(model, tokenizer, forget_set, retain_set, evaluate=observe, stop_when=stop,
