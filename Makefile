@@ -20,8 +20,9 @@ export OMP_NUM_THREADS := 1
 endif
 
 # Python caches what it compiles (.pyc, in .venv and lib/): where PYTHONDONTWRITEBYTECODE is set (as on
-# our CI machines), every process would compile transformers, pandas, scipy... again, 3-5 s each, and
-# `make test` starts ~30 of them (14 notebook kernels, their launchers, pytest workers, subprocess tests).
+# the project's machines; uv installs no .pyc), every process compiled transformers, pandas, scipy... again,
+# 3-5 s each, and `make test` starts ~30 of them (notebook kernels and launchers, pytest workers, subprocess
+# tests; README, "Measured").
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup lock test test-fast test-latest reproduce lab exercises strip clean vllm test-vllm
