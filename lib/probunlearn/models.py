@@ -65,7 +65,7 @@ def embedded_model_dir() -> Path:
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Each of these reads parses the whole file (~5 s): the config is read once and handed to the model.
+    # Every read of the file parses all of it (~5 s): the config is read once and handed to the model.
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
