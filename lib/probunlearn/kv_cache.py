@@ -149,12 +149,11 @@ class SharedPrompt:
         place = torch.arange(len(row_prompt), device=row_prompt.device) - (counts.cumsum(0) - counts)[prompt]
         self.order = torch.zeros(self.prompts, self.width, dtype=torch.long, device=row_prompt.device)
         self.order[prompt, place] = by_prompt
-        self.row_prompt = row_prompt
-        self.row_place = torch.empty_like(row_prompt)
-        self.row_place[by_prompt] = place
+        row_place = torch.empty_like(row_prompt)
+        row_place[by_prompt] = place
         # row r, key/value head h sits at (prompt, h, place) of the products' (prompts, kv_heads, width) blocks
         heads = torch.arange(self.kv_heads, device=row_prompt.device)
-        self.back = ((row_prompt[:, None] * self.kv_heads + heads) * self.width + self.row_place[:, None]).view(-1)
+        self.back = ((row_prompt[:, None] * self.kv_heads + heads) * self.width + row_place[:, None]).view(-1)
         self._gathers = {}  # groups -> `order` as (row, head, group) indices, in the blocks' order
 
     def _by_prompt(self, per_row: torch.Tensor, layer: int, part: int, scaling: float = 1.0) -> torch.Tensor:
