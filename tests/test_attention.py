@@ -139,6 +139,35 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
                                    torch.zeros(2, 2, 3, 8), None, scaling=1.0, shared_prompt=prompt)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_the_cache_keeps_each_rows_positions_through_row_copies_drops_and_growth(split):
+    """A `kv_cache` layer's keys and values, row-major as allocated or position-major after
+    `split_prompt` (the generated positions of a shared prompt), are those written for each row,
+    through `add_rows` (also past the row room, which grows), `keep_rows` and later writes."""
+    gen = torch.Generator().manual_seed(0)
+    heads, dim = 2, 4
+    cache = kv_cache.kv_cache(6, row_capacity=3)
+    written = torch.randn(2, heads, 2, dim, generator=gen)  # two rows, two positions
+    cache.update(written, -written, 0)
+    layer = cache.layers[0]
+    if split:
+        prompt, _ = layer.split_prompt(capacity=5, row_capacity=3)
+        assert torch.equal(prompt, written) and layer.position_major and layer.keys.shape[2] == 0
+        written = torch.randn(2, heads, 1, dim, generator=gen)
+        layer.update(written, -written)
+    expected = written
+    for kind, index in [("add", [1, 0, 1, 1]), ("keep", [5, 0, 2]), ("add", [2, 2, 2, 2, 1])]:
+        index = torch.tensor(index)
+        layer.add_rows(index) if kind == "add" else layer.keep_rows(index)
+        expected = torch.cat([expected, expected[index]]) if kind == "add" else expected[index]
+        step = torch.randn(len(expected), heads, 1, dim, generator=gen)
+        layer.update(step, -step)
+        expected = torch.cat([expected, step], dim=2)
+        assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected)
+    assert layer.rows == 8 and layer._keys.shape[int(split)] >= 8  # grown past the room of 3 rows
+    assert layer.get_seq_length() == 2 + split + 3  # the prompt, one position after its split, three steps
+
+
 def test_the_block_restores_the_attention_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError), attention.decoding_attention(model):

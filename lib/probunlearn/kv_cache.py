@@ -22,7 +22,15 @@ def kv_cache(capacity: int, row_capacity: int = 0):
     `row_capacity` rows) allocated on the first update, instead of concatenating a new tensor at
     every step (which copies the whole cache once per token). Rows are the distinct prefixes being
     decoded: `add_rows(parents)` appends copies of existing rows (a prefix that continues with
-    several different tokens), `keep_rows(keep)` compacts the buffer to the rows still needed."""
+    several different tokens), `keep_rows(keep)` compacts the buffer to the rows still needed.
+
+    Buffers are (rows, heads, positions, dim) as allocated, and position-major, (positions, rows,
+    heads, dim), for the generated positions after `split_prompt`: a decoding step then reads the
+    cached part of each layer as one block of memory, where row-major it would read a strided run
+    of blocks with the unused capacity between them. The batched products of
+    `attention.decode_attention` compute the same numbers either way, in ~40 % less time on the
+    AVX2 stand-in: there any gap of two positions or more made the reads ~3x slower
+    (`benchmarks/README.md`). The layers hand out (rows, heads, positions, dim) views in both."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -44,16 +52,24 @@ def kv_cache(capacity: int, row_capacity: int = 0):
             keys, values = self.keys.contiguous(), self.values.contiguous()
             _, heads, _, dim = self._keys.shape
             self.offset, self.capacity_left = self.length, capacity
-            self._keys = self._keys.new_empty(max(self.rows, row_capacity), heads, capacity, dim)
-            self._values = self._values.new_empty(max(self.rows, row_capacity), heads, capacity,
+            # position-major (positions, rows, heads, dim): each step reads the cached keys as one block
+            self._keys = self._keys.new_empty(capacity, max(self.rows, row_capacity), heads, dim)
+            self._values = self._values.new_empty(capacity, max(self.rows, row_capacity), heads,
                                                   self._values.shape[-1])
-            self.length = 0
+            self.position_major, self.length = True, 0
             self._views()
             return keys, values
 
+        position_major = False  # buffers (rows, heads, positions, dim); after split_prompt (positions, rows, ...)
+
+        def _region(self, buffer: torch.Tensor, rows: slice) -> torch.Tensor:
+            """The cached positions of `rows` in `buffer`, in the buffer's own layout."""
+            return buffer[:self.length, rows] if self.position_major else buffer[rows, :, :self.length]
+
         def _views(self):
-            self.keys = self._keys[:self.rows, :, :self.length]
-            self.values = self._values[:self.rows, :, :self.length]
+            self.keys, self.values = (self._region(buffer, slice(self.rows)) for buffer in (self._keys, self._values))
+            if self.position_major:  # (rows, heads, positions, dim) views, as transformers' layers return
+                self.keys, self.values = self.keys.permute(1, 2, 0, 3), self.values.permute(1, 2, 0, 3)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -63,8 +79,12 @@ def kv_cache(capacity: int, row_capacity: int = 0):
                 raise RuntimeError(f"key/value cache of {self.offset + self.capacity_left} positions is full")
             if key_states.shape[0] != self.rows:
                 raise RuntimeError(f"the cache holds {self.rows} rows but the model ran {key_states.shape[0]}")
-            self._keys[:self.rows, :, self.length:end] = key_states
-            self._values[:self.rows, :, self.length:end] = value_states
+            if self.position_major:
+                self._keys[self.length:end, :self.rows] = key_states.permute(2, 0, 1, 3)
+                self._values[self.length:end, :self.rows] = value_states.permute(2, 0, 1, 3)
+            else:
+                self._keys[:self.rows, :, self.length:end] = key_states
+                self._values[:self.rows, :, self.length:end] = value_states
             self.length = end
             self._views()
             return self.keys, self.values
@@ -78,29 +98,34 @@ def kv_cache(capacity: int, row_capacity: int = 0):
         def add_rows(self, parents: torch.Tensor) -> None:
             if not self.is_initialized:
                 return
-            need = self.rows + len(parents)
-            if need > self._keys.shape[0]:  # grow (rare: the room is sized for the batch)
+            need, axis = self.rows + len(parents), int(self.position_major)
+            if need > self._keys.shape[axis]:  # grow (rare: the room is sized for the batch)
                 for name in ("_keys", "_values"):
                     old = getattr(self, name)
-                    new = old.new_empty(max(need, 2 * old.shape[0]), *old.shape[1:])
-                    new[:self.rows, :, :self.length] = old[:self.rows, :, :self.length]
+                    shape = list(old.shape)
+                    shape[axis] = max(need, 2 * shape[axis])
+                    new = old.new_empty(shape)
+                    self._region(new, slice(self.rows)).copy_(self._region(old, slice(self.rows)))
                     setattr(self, name, new)
-            self._keys[self.rows:need, :, :self.length] = self._rows_of(self._keys, parents)
-            self._values[self.rows:need, :, :self.length] = self._rows_of(self._values, parents)
+            self._region(self._keys, slice(self.rows, need)).copy_(self._rows_of(self._keys, parents))
+            self._region(self._values, slice(self.rows, need)).copy_(self._rows_of(self._values, parents))
             self.rows = need
             self._views()
 
         def keep_rows(self, keep: torch.Tensor) -> None:
             if not self.is_initialized:
                 return
-            self._keys[:len(keep), :, :self.length] = self._rows_of(self._keys, keep)  # a copy, then written
-            self._values[:len(keep), :, :self.length] = self._rows_of(self._values, keep)
+            kept = slice(len(keep))
+            self._region(self._keys, kept).copy_(self._rows_of(self._keys, keep))  # a copy, then written
+            self._region(self._values, kept).copy_(self._rows_of(self._values, keep))
             self.rows = len(keep)
             self._views()
 
         def _rows_of(self, buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            """A copy of the cached positions of `rows`: `index_select`, ~3.5x as fast as
-            `buffer[rows, :, :length]` on a CPU for these shapes, the same numbers."""
+            """A copy of the cached positions of `rows`, in the buffer's layout: `index_select`, ~3.5x
+            as fast as `buffer[rows, :, :length]` on a CPU for these shapes, the same numbers."""
+            if self.position_major:
+                return buffer[:self.length].index_select(1, rows)
             return buffer[:, :, :self.length].index_select(0, rows)
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
