@@ -70,20 +70,22 @@ def test_race_noise_is_exponential_and_keyed():
     assert len(set(keys.tolist())) == 500
 
 
-def test_draw_leaves_the_callers_scores_and_reads_only_the_rows_used():
-    """The logits a step observer sees after the draw are the model's: the temperature divides a copy.
-    Rows no answer draws from (even NaN ones, e.g. rows kept for finished answers) are never read."""
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.0, 0.9)])
+def test_draw_leaves_the_callers_scores_and_reads_only_the_rows_used(temperature, top_p):
+    """The logits a step observer sees after the draw are the model's: the temperature divides a copy,
+    and the nucleus is cut from the draw's own probabilities, in place. Rows no answer draws from
+    (even NaN ones, e.g. rows kept for finished answers) are never read."""
     gen = torch.Generator().manual_seed(1)
     scores = torch.randn(4, 600, generator=gen)
     scores[2] = float("nan")
     before = scores.clone()
     keys = np.arange(5, dtype=np.uint64) * np.uint64(7919)
     rows = torch.tensor([0, 3, 3, 1, 0])
-    tokens = draws.draw(scores, rows, keys, 0, temperature=0.7, top_p=1.0)
+    tokens = draws.draw(scores, rows, keys, 0, temperature=temperature, top_p=top_p)
     assert torch.equal(scores.isnan(), before.isnan()) and torch.equal(scores[[0, 1, 3]], before[[0, 1, 3]])
-    alone = torch.cat([draws.draw(scores[[r]], torch.tensor([0]), keys[[k]], 0, temperature=0.7, top_p=1.0)
+    alone = torch.cat([draws.draw(scores[[r]], torch.tensor([0]), keys[[k]], 0, temperature=temperature, top_p=top_p)
                        for k, r in enumerate(rows.tolist())])
     assert torch.equal(tokens, alone)  # each answer's token depends on its own row and key only
     finite = before[[0, 1, 3]]
-    draws.draw(finite, torch.tensor([2, 0, 1, 2]), keys[:4], 1, temperature=0.7, top_p=1.0)  # every row used
+    draws.draw(finite, torch.tensor([2, 0, 1, 2]), keys[:4], 1, temperature=temperature, top_p=top_p)  # every row used
     assert torch.equal(finite, before[[0, 1, 3]])

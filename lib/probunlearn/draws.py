@@ -154,7 +154,7 @@ def draw(scores: torch.Tensor, rows: torch.Tensor | None, keys: np.ndarray | tor
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # one fused pass over the vocabulary
     if top_p < 1.0:
         floor = nucleus_floor(probs, top_p) if invalid is None else sorted_nucleus_floor(probs, top_p)
-        probs = torch.where(probs >= floor[:, None], probs, 0.0)
+        probs.masked_fill_(~(probs >= floor[:, None]), 0.0)  # torch.where's numbers, in place: probs is our own
     return race(probs, keys, step, local, invalid=invalid)
 
 
@@ -184,7 +184,8 @@ def nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     pending = torch.arange(rows, device=probs.device)
     for k in (*TOP_P_CANDIDATES, vocab):
         k = min(k, vocab)
-        top = probs[pending].topk(k, dim=1).values if k < vocab else probs[pending].sort(dim=1, descending=True).values
+        rest = probs if len(pending) == rows else probs.index_select(0, pending)  # no copy of every row
+        top = rest.topk(k, dim=1).values if k < vocab else rest.sort(dim=1, descending=True).values
         cdf = top.double().cumsum(dim=1) / total[pending, None]
         covered = (cdf[:, -1] >= top_p) | (k == vocab)
         # keep rank r iff the mass strictly before it is < top_p (always the top token)
