@@ -179,7 +179,7 @@ def nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     rows, vocab = probs.shape
     total = probs.sum(dim=1).double()
     if not torch.isfinite(total).all() or not (total > 0).all():
-        raise ValueError("a row of scores has no finite logit (all -inf or NaN): check the logits processors")
+        raise ValueError(NO_FINITE_LOGIT)
     floor = torch.empty(rows, dtype=probs.dtype, device=probs.device)
     pending = torch.arange(rows, device=probs.device)
     for k in (*TOP_P_CANDIDATES, vocab):
