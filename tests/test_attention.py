@@ -103,8 +103,9 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
     mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     row_prompt = torch.tensor([0, 1, 2])
-    steps = [("add", torch.tensor([1, 1, 0])), ("keep", torch.tensor([0, 1, 3, 4, 5])),
-             ("add", torch.tensor([4, 4, 4, 4])), ("keep", torch.tensor([1, 2, 3, 4, 5, 6, 7, 8]))]
+    # (rows held, targets, sources) for `place_rows`, or a list of rows for `keep_rows`
+    steps = [(6, [3, 4, 5], [1, 1, 0]), [0, 1, 3, 4, 5], (9, [5, 6, 7, 8], [4, 4, 4, 4]), (8, [0], [8]),
+             (8, [2, 5], [5, 2])]
     logits = {}
     with attention.decoding_attention(model):
         for shared in (False, True):
@@ -114,11 +115,11 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
             prompt = kv_cache.SharedPrompt(cache, len(steps), 16, mask) if shared else None
             rows, pos, seen = row_prompt, positions[:, -1], []
             token = out.logits[:, -1].argmax(-1)
-            for step, (kind, index) in enumerate(steps):
+            for step, change in enumerate(steps):
+                index = moved_rows(change)
                 for layer in cache.layers:
-                    layer.add_rows(index) if kind == "add" else layer.keep_rows(index)
-                rows, pos, token = ((torch.cat([rows, rows[index]]), torch.cat([pos, pos[index]]), torch.cat([token, token[index]]))
-                                    if kind == "add" else (rows[index], pos[index], token[index]))
+                    layer.keep_rows(index) if isinstance(change, list) else layer.place_rows(*map(torch.tensor, change))
+                rows, pos, token = rows[index], pos[index], token[index]
                 pos = pos + 1
                 step_mask = torch.cat([mask[rows], torch.ones(len(rows), step + 1, dtype=torch.long)], dim=1)
                 extra = {}
@@ -131,7 +132,7 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
                 seen.append(out.logits[:, -1])
             logits[shared] = seen
             assert cache.get_seq_length() == width + len(steps)
-    assert rows.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # prompt 2 lost its rows, prompt 0 has five
+    assert rows.tolist() == [0, 1, 0, 1, 0, 1, 0, 0]  # prompt 2 lost its rows, prompt 0 has five
     for plain, shared in zip(logits[False], logits[True]):
         torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="one token"):
@@ -143,29 +144,45 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
 def test_the_cache_keeps_each_rows_positions_through_row_copies_drops_and_growth(split):
     """A `kv_cache` layer's keys and values, row-major as allocated or position-major after
     `split_prompt` (the generated positions of a shared prompt), are those written for each row,
-    through `add_rows` (also past the row room, which grows), `keep_rows` and later writes."""
+    through `place_rows` (rows added, also past the row room, which grows; rows moved into others,
+    swapped, dropped), `keep_rows` and later writes."""
     gen = torch.Generator().manual_seed(0)
     heads, dim = 2, 4
-    cache = kv_cache.kv_cache(6, row_capacity=3)
+    cache = kv_cache.kv_cache(7, row_capacity=3)
     written = torch.randn(2, heads, 2, dim, generator=gen)  # two rows, two positions
     cache.update(written, -written, 0)
     layer = cache.layers[0]
     if split:
-        prompt, _ = layer.split_prompt(capacity=5, row_capacity=3)
+        prompt, _ = layer.split_prompt(capacity=6, row_capacity=3)
         assert torch.equal(prompt, written) and layer.position_major and layer.keys.shape[2] == 0
         written = torch.randn(2, heads, 1, dim, generator=gen)
         layer.update(written, -written)
     expected = written
-    for kind, index in [("add", [1, 0, 1, 1]), ("keep", [5, 0, 2]), ("add", [2, 2, 2, 2, 1])]:
-        index = torch.tensor(index)
-        layer.add_rows(index) if kind == "add" else layer.keep_rows(index)
-        expected = torch.cat([expected, expected[index]]) if kind == "add" else expected[index]
+    changes = [(6, [2, 3, 4, 5], [1, 0, 1, 1]), [5, 0, 2], (8, [3, 4, 5, 6, 7], [2, 2, 2, 2, 1]),
+               (4, [0, 2], [6, 7]), (4, [1, 3], [3, 1])]
+    for change in changes:
+        index = moved_rows(change)
+        layer.keep_rows(index) if isinstance(change, list) else layer.place_rows(*map(torch.tensor, change))
+        expected = expected[index]
         step = torch.randn(len(expected), heads, 1, dim, generator=gen)
         layer.update(step, -step)
         expected = torch.cat([expected, step], dim=2)
         assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected)
-    assert layer.rows == 8 and layer._keys.shape[int(split)] >= 8  # grown past the room of 3 rows
-    assert layer.get_seq_length() == 2 + split + 3  # the prompt, one position after its split, three steps
+        if len(expected) == 8:
+            assert layer._keys.shape[int(split)] >= 8  # grown past the room of 3 rows
+    assert layer.rows == 4
+    assert layer.get_seq_length() == 2 + split + 5  # the prompt, one position after its split, five steps
+
+
+def moved_rows(change) -> torch.Tensor:
+    """The earlier row that each row holds after `keep_rows(change)` (a list) or
+    `place_rows(*change)` (rows held, targets, sources)."""
+    if isinstance(change, list):
+        return torch.tensor(change)
+    rows, targets, sources = change
+    origin = torch.arange(rows)
+    origin[targets] = torch.tensor(sources)
+    return origin
 
 
 def test_the_block_restores_the_attention_after_an_error():

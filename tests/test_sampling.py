@@ -170,6 +170,18 @@ def test_step_observer_sees_every_live_row_with_raw_logits_and_chosen_tokens(mod
                 assert taken[-1] == EOS
 
 
+def test_no_row_of_the_forward_pass_is_left_empty(model, tokenizer):
+    """Rows whose answers all ended are taken at once by new prefixes or by rows from the end: at
+    every step the forward pass ran exactly the rows the live answers draw from."""
+    seen = []
+    observer = lambda q, j, step, logits, rows, tokens: seen.append((len(logits), sorted(set(rows.tolist()))))
+    ids = sampling.sample_token_ids(model, tokenizer, QUESTIONS, num_samples=12, max_new_tokens=10, seed=5, progress=False,
+                                    step_observer=observer)
+    assert any(0 < len(r) < 9 for rows in ids for r in rows)  # answers ended while others went on
+    for ran, used in seen:
+        assert used == list(range(ran))
+
+
 def test_decoding_uses_the_supported_cache_argument(model, tokenizer):
     """transformers 5.24 deprecates `past_key_values` (removed in 5.40): the sampler passes `cache` where the
     model takes it, so decoding raises no FutureWarning of our own."""

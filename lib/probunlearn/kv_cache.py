@@ -21,8 +21,9 @@ def kv_cache(capacity: int, row_capacity: int = 0):
     """A transformers Cache whose layers write into buffers of `capacity` positions (and room for
     `row_capacity` rows) allocated on the first update, instead of concatenating a new tensor at
     every step (which copies the whole cache once per token). Rows are the distinct prefixes being
-    decoded: `add_rows(parents)` appends copies of existing rows (a prefix that continues with
-    several different tokens), `keep_rows(keep)` compacts the buffer to the rows still needed.
+    decoded: `place_rows(rows, targets, sources)` copies rows into others (a prefix that continues
+    with several different tokens gets a row per token; a row whose answers ended is taken by
+    another) and sets how many are held, `keep_rows(keep)` compacts the buffer to the rows listed.
 
     Buffers are (rows, heads, positions, dim) as allocated, and position-major, (positions, rows,
     heads, dim), for the generated positions after `split_prompt`: a decoding step then reads the
@@ -92,21 +93,26 @@ def kv_cache(capacity: int, row_capacity: int = 0):
         def get_max_length(self) -> int:
             return self.offset + self.capacity_left
 
-        def add_rows(self, parents: torch.Tensor) -> None:
+        def place_rows(self, rows: int, targets: torch.Tensor, sources: torch.Tensor) -> None:
+            """Hold `rows` rows from now on, row targets[i] a copy of row sources[i]: rows past the
+            current ones are added (the buffers grow if they must), rows from `rows` on are dropped,
+            the others stay where they are. Every source is read before any target is written."""
             if not self.is_initialized:
                 return
-            need, axis = self.rows + len(parents), int(self.position_major)
-            if need > self._keys.shape[axis]:  # grow (rare: the room is sized for the batch)
+            axis = int(self.position_major)
+            if rows > self._keys.shape[axis]:  # grow (rare: the room is sized for the batch)
                 for name in ("_keys", "_values"):
                     old = getattr(self, name)
                     shape = list(old.shape)
-                    shape[axis] = max(need, 2 * shape[axis])
+                    shape[axis] = max(rows, 2 * shape[axis])
                     new = old.new_empty(shape)
                     self._region(new, slice(self.rows)).copy_(self._region(old, slice(self.rows)))
                     setattr(self, name, new)
-            self._region(self._keys, slice(self.rows, need)).copy_(self._rows_of(self._keys, parents))
-            self._region(self._values, slice(self.rows, need)).copy_(self._rows_of(self._values, parents))
-            self.rows = need
+            if len(targets):
+                for buffer in (self._keys, self._values):
+                    cached = buffer[:self.length] if self.position_major else buffer[:, :, :self.length]
+                    cached.index_copy_(axis, targets, cached.index_select(axis, sources))
+            self.rows = rows
             self._views()
 
         def keep_rows(self, keep: torch.Tensor) -> None:

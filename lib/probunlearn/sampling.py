@@ -27,7 +27,8 @@ two rows (the key/value cache row is copied). This is exact: only compute is sha
 random number. It saves little on a base model, whose samples part after a few tokens, and most
 of the work on a fine-tuned model, which repeats a memorised answer in most samples
 (`benchmarks/README.md`). The key/value cache is allocated once (no concatenation per step);
-rows whose answers all ended are dropped once they are 1/16 of the batch. On a CPU, a batch with
+a row whose answers all ended is taken at once by a new prefix or by a row from the end of the batch,
+so that no row of the forward pass is left empty. On a CPU, a batch with
 several answers per question keeps each prompt's keys and values once (`kv_cache.SharedPrompt`):
 the attention reads them once per prompt, not once per answer. Weights run in the
 dtype they were loaded in (bfloat16 on a CPU with AMX, see `hardware.default_dtype`);
@@ -203,48 +204,39 @@ def _decode(model, tokenizer, prompts: list[list[int]], row_prompt: list[int], k
         going = ~finished
         answer_index, answer_slot, tokens = answer_index[going.cpu()], answer_slot[going], tokens[going]
 
-        # Regroup: each (slot, token) pair is a new prefix. The first child of a slot keeps its
-        # cache row; further children get copies appended; slots with no child stay as empty rows
-        # until they are 1/16 of the batch (each compaction copies the cache, each empty row costs
-        # a row of compute per step; this bounds both).
+        # Regroup: each (slot, token) pair is a new prefix, and the slots become exactly these
+        # prefixes, none left empty (an empty row would cost a row of compute at every step). The
+        # first child of a slot keeps its cache row where that row stays (below the new number of
+        # slots); every other child gets a copy of its parent's row in a row that left (its answers
+        # ended, or it is past the new number) or in a row added. A copy costs one row of the cache.
         vocab = logits.shape[-1]
         children, inverse = torch.unique(answer_slot * vocab + tokens, return_inverse=True)
         parent, child_token = children // vocab, children % vocab
-        first = torch.ones(len(children), dtype=torch.bool, device=device)
-        first[1:] = parent[1:] != parent[:-1]
-        extra = (~first).nonzero()[:, 0]
-        slots = logits.shape[0]
+        slots = len(children)
+        stays = torch.ones(slots, dtype=torch.bool, device=device)
+        stays[1:] = parent[1:] != parent[:-1]  # first child of its parent
+        stays &= parent < slots
+        taken = torch.zeros(slots, dtype=torch.bool, device=device)
+        taken[parent[stays]] = True
+        movers, targets = (~stays).nonzero()[:, 0], (~taken).nonzero()[:, 0]  # as many of each
         child_slot = parent.clone()
-        child_slot[extra] = slots + torch.arange(len(extra), device=device)
-        moved = bool(len(extra))  # rows added or dropped: the shared prompt's row order changes
-        if len(extra):
-            source = parent[extra]
+        child_slot[movers] = targets
+        moved = bool(len(movers)) or slots != logits.shape[0]  # the shared prompt's row order changes
+        if moved:
+            sources = parent[movers]
             for layer in cache.layers:
-                layer.add_rows(source)
-            slot_prompt, slot_pos = torch.cat([slot_prompt, slot_prompt[source]]), torch.cat([slot_pos, slot_pos[source]])
+                layer.place_rows(slots, targets, sources)
+            origin = torch.arange(slots, device=device)  # the slot whose prompt and position each slot takes
+            origin[targets] = sources
+            slot_prompt, slot_pos = slot_prompt[origin], slot_pos[origin]
             if sequences is not None:
-                sequences = torch.cat([sequences, sequences[source]])
-            states = {k: torch.cat([v, v[source]]) for k, v in states.items()}
-            slots += len(extra)
+                sequences = sequences[origin]
+            states = {k: v[origin] for k, v in states.items()}
         answer_slot = child_slot[inverse]
-        next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=device)
+        next_ids = torch.empty(slots, dtype=torch.long, device=device)
         next_ids[child_slot] = child_token
         if sequences is not None:
             sequences[child_slot, width + step] = child_token
-        used = torch.zeros(slots, dtype=torch.bool, device=device)
-        used[child_slot] = True
-        if int((~used).sum()) * 16 >= slots:
-            moved = True
-            keep = used.nonzero()[:, 0]
-            remap = torch.full((slots,), -1, dtype=torch.long, device=device)
-            remap[keep] = torch.arange(len(keep), device=device)
-            for layer in cache.layers:
-                layer.keep_rows(keep)
-            slot_prompt, slot_pos, next_ids = slot_prompt[keep], slot_pos[keep], next_ids[keep]
-            if sequences is not None:
-                sequences = sequences[keep]
-            states = {k: v[keep] for k, v in states.items()}
-            answer_slot = remap[answer_slot]
         if shared_prompt is not None:  # the prompts' padding is the shared prompt's: no mask to build
             if moved:
                 shared_prompt.set_rows(slot_prompt)
