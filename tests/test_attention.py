@@ -118,7 +118,7 @@ def test_a_shared_prompt_decodes_the_logits_of_a_cache_with_every_row_holding_it
             for step, change in enumerate(steps):
                 index = moved_rows(change)
                 for layer in cache.layers:
-                    layer.keep_rows(index) if isinstance(change, list) else layer.place_rows(*map(torch.tensor, change))
+                    layer.keep_rows(index) if isinstance(change, list) else place(layer, change)
                 rows, pos, token = rows[index], pos[index], token[index]
                 pos = pos + 1
                 step_mask = torch.cat([mask[rows], torch.ones(len(rows), step + 1, dtype=torch.long)], dim=1)
@@ -162,7 +162,7 @@ def test_the_cache_keeps_each_rows_positions_through_row_copies_drops_and_growth
                (4, [0, 2], [6, 7]), (4, [1, 3], [3, 1])]
     for change in changes:
         index = moved_rows(change)
-        layer.keep_rows(index) if isinstance(change, list) else layer.place_rows(*map(torch.tensor, change))
+        layer.keep_rows(index) if isinstance(change, list) else place(layer, change)
         expected = expected[index]
         step = torch.randn(len(expected), heads, 1, dim, generator=gen)
         layer.update(step, -step)
@@ -172,6 +172,12 @@ def test_the_cache_keeps_each_rows_positions_through_row_copies_drops_and_growth
             assert layer._keys.shape[int(split)] >= 8  # grown past the room of 3 rows
     assert layer.rows == 4
     assert layer.get_seq_length() == 2 + split + 5  # the prompt, one position after its split, five steps
+
+
+def place(layer, change) -> None:
+    """`layer.place_rows(rows, targets, sources)` for change = (rows held, targets, sources) as lists."""
+    rows, targets, sources = change
+    layer.place_rows(rows, torch.tensor(targets), torch.tensor(sources))
 
 
 def moved_rows(change) -> torch.Tensor:
