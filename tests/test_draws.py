@@ -74,7 +74,7 @@ def test_race_noise_is_exponential_and_keyed():
 def test_draw_leaves_the_callers_scores_and_reads_only_the_rows_used(temperature, top_p):
     """The logits a step observer sees after the draw are the model's: the temperature divides a copy,
     and the nucleus is cut from the draw's own probabilities, in place. Rows no answer draws from
-    (even NaN ones, e.g. rows kept for finished answers) are never read."""
+    (even NaN ones, e.g. rows only greedy answers take) are never read."""
     gen = torch.Generator().manual_seed(1)
     scores = torch.randn(4, 600, generator=gen)
     scores[2] = float("nan")

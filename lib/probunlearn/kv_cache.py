@@ -110,7 +110,7 @@ def kv_cache(capacity: int, row_capacity: int = 0):
                     setattr(self, name, new)
             if len(targets):
                 for buffer in (self._keys, self._values):
-                    cached = buffer[:self.length] if self.position_major else buffer[:, :, :self.length]
+                    cached = self._cached(buffer)
                     cached.index_copy_(axis, targets, cached.index_select(axis, sources))
             self.rows = rows
             self._views()
@@ -129,9 +129,12 @@ def kv_cache(capacity: int, row_capacity: int = 0):
             along the buffer's row axis, the same numbers as advanced indexing, ~3.5x as fast as
             `buffer[rows, :, :length]` row-major on a CPU for these shapes (position-major it was not
             compared)."""
-            if self.position_major:
-                return self._logical(buffer[:self.length].index_select(1, rows))
-            return buffer[:, :, :self.length].index_select(0, rows)
+            return self._logical(self._cached(buffer).index_select(int(self.position_major), rows))
+
+        def _cached(self, buffer: torch.Tensor) -> torch.Tensor:
+            """The cached positions of every row of `buffer`, in the buffer's own layout (its row axis
+            is 1 position-major, else 0)."""
+            return buffer[:self.length] if self.position_major else buffer[:, :, :self.length]
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self.keep_rows(indices)
