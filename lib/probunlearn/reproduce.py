@@ -241,12 +241,12 @@ FINISHED = {"01": "data/stats.json", "02": ARTEFACTS["finetune_summary"], "03": 
             "06": ARTEFACTS["attacks_summary"]}
 # Minutes per notebook, measured (what `ensure_inputs` announces), on a 2-core AMD EPYC Zen 4 in
 # bfloat16: smoke from `make test` of 2026-12-06 (one thread, beside the tofu-smoke run; its sizes of
-# that day), cpu from a fresh clone's `make reproduce` of 2026-12-06 (4081c64, 55.9 min). An AVX2-only CPU
+# that day), cpu from a fresh clone's `make reproduce` of 2026-12-07 (f8fbdf3, 58.1 min). An AVX2-only CPU
 # takes longer (notebook 03: 19.8 min on the AVX2 stand-in even at the slow-CPU sizes); the paper profile has
 # no measured times (no GPU has run it).
 EXPECTED_MINUTES = {
     "smoke": {"01": 0.2, "02": 1.1, "03": 1.3, "04": 2.3, "05": 1.3, "06": 0.8, "07": 0.3},
-    "cpu": {"01": 0.1, "02": 5.3, "03": 14.3, "04": 11.1, "05": 18.0, "06": 6.2, "07": 0.3},
+    "cpu": {"01": 0.1, "02": 5.3, "03": 14.9, "04": 11.7, "05": 18.7, "06": 7.1, "07": 0.2},
 }
 DRIVE_FOLDER = Path("/content/drive/MyDrive/probunlearn")  # results/ and figures/ on a mounted Google Drive
 

@@ -49,7 +49,10 @@ float32 the logits of a row change between batch shapes by ~1e-7 and answers are
 (the tests check this bit for bit on a tiny float32 model). In bfloat16, matrix kernels round
 differently for different batch shapes; when two candidates of the race are nearly tied, a
 different rounding can change the winner, so a small share of answers differ.
-Every answer is still an exact sample of the model at that batch shape. Greedy answers are
+Every answer is still an exact sample of the model at that batch shape. An 8-bit model (LLM.int8,
+`quantization`) couples the rows of a batch: its products keep in full precision the feature columns
+where any row of the batch exceeds the outlier threshold (Dettmers et al. 2022), so a row's logits,
+and a share of its answers, change with the rows decoded beside it. Greedy answers are
 decoded in float32 (`greedy_answers`), where an argmax is a tie far less often than in bfloat16,
 so that notebooks that ask different sets of questions get the same greedy answer from a model.
 """
